@@ -1,0 +1,85 @@
+"""The LLM pipeline: ingest → validate → chunk → tokenizer, one Prefect task per DVC stage.
+
+DVC decides what is stale; each stage is an MLflow child run under one parent run per pipeline run.
+
+    python -m flows.llm                          # run on the embedded defaults
+    python -m flows.llm chunk.chunk_size=800     # override a stage setting (written to configs/chunk.yaml)
+    python -m flows.llm --wait-s 600 --no-push
+"""
+from __future__ import annotations
+
+import argparse
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from forgeline.config import params_model, parse_overrides
+from forgeline.workspace import pipeline_run, push
+from tasks.chunk import ChunkConfig, chunk_task
+from tasks.ingest import IngestConfig, ingest_task
+from tasks.tokenizer import TokenizerConfig, tokenizer_task
+from tasks.validate import ValidateConfig, validate_task
+
+STAGES = {"ingest": IngestConfig, "validate": ValidateConfig, "chunk": ChunkConfig,
+          "tokenizer": TokenizerConfig}
+IngestOverrides, ValidateOverrides, ChunkOverrides, TokenizerOverrides = map(params_model, STAGES.values())
+
+
+class LLMParams(BaseModel):
+    """Overrides per stage (empty = keep configs/<stage>.yaml), and how to run."""
+
+    ingest: IngestOverrides = Field(default_factory=IngestOverrides)
+    validate_: ValidateOverrides = Field(default_factory=ValidateOverrides, alias="validate")
+    chunk: ChunkOverrides = Field(default_factory=ChunkOverrides)
+    tokenizer: TokenizerOverrides = Field(default_factory=TokenizerOverrides)
+    wait_s: float = Field(0.0, description="seconds to wait for another run to free the workspace")
+    push: bool = Field(True, description="dvc push the outputs to the default remote at the end")
+
+    model_config = {"populate_by_name": True, "extra": "forbid"}
+
+    def overrides(self) -> dict[str, dict]:
+        return {stage: getattr(self, "validate_" if stage == "validate" else stage).model_dump(exclude_none=True)
+                for stage in STAGES}
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=5)
+def push_task() -> int:
+    return push()
+
+
+@flow(name="llm", log_prints=True)
+def llm(params: LLMParams = LLMParams()) -> list[dict]:
+    with pipeline_run("llm", STAGES, params.overrides(), params.wait_s, str(flow_run.id or "")) as run:
+        results = [
+            ingest_task(run),
+            validate_task(run),
+            chunk_task(run),
+            tokenizer_task(run),
+        ]
+        if params.push:
+            push_task()
+    create_table_artifact(key="llm-stages", description="stages of this pipeline run", table=[
+        {"stage": r["stage"], "skipped": r["skipped"], "seconds": r["seconds"], "mlflow_run": r["run_id"]}
+        for r in results])
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the LLM pipeline.")
+    parser.add_argument("overrides", nargs="*", help="stage.key=value")
+    parser.add_argument("--wait-s", type=float, default=0.0)
+    parser.add_argument("--no-push", action="store_true")
+    args = parser.parse_args(argv)
+    nested: dict[str, dict] = {}
+    for key, value in parse_overrides(args.overrides).items():
+        stage, _, field = key.partition(".")
+        nested.setdefault(stage, {})[field] = value
+    params = LLMParams.model_validate({**nested, "wait_s": args.wait_s, "push": not args.no_push})
+    for r in llm(params):
+        print(f"{r['stage']:>10}: {'skipped (up to date)' if r['skipped'] else 'ran'} in {r['seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Forgeline: workflow-orchestrated GenAI pipelines (Prefect + DVC + MLflow + Accelerate)."""

@@ -1,0 +1,140 @@
+"""Stage configs: a dataclass with defaults < configs/<stage>.yaml < `key=value` overrides.
+
+Unknown keys and values of the wrong type fail here, before a stage does any work.
+
+    cfg = load_config(ChunkConfig, "chunk", ["chunk_size=800", "splitter=regex"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from forgeline.paths import config_path
+
+
+class ConfigError(ValueError):
+    """A config that must not start a run: unknown key, wrong type, bad value."""
+
+
+def _check(name: str, value: Any, tp: Any) -> Any:
+    """Return `value` checked (and int->float widened) against the annotation `tp`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{name}={value!r}: must be one of {list(get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(name, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r}: expected a list")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return [_check(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r}: expected a mapping")
+        return value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}={value!r}: expected a number")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r}: expected an integer")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}={value!r}: expected a string")
+    raise ConfigError(f"{name}: unsupported annotation {tp!r}")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["a=1", "b=x"]` -> `{"a": 1, "b": "x"}`; values are read as YAML scalars."""
+    out = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def build_config(cls: type, values: dict[str, Any], where: str = "config") -> Any:
+    """Construct `cls` from `values`, failing on unknown keys and wrong types."""
+    hints = get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    checked = {k: _check(f"{where}: {k}", v, hints[k]) for k, v in values.items()}
+    cfg = cls(**checked)
+    if hasattr(cfg, "check"):
+        cfg.check()  # cross-field rules live on the dataclass itself
+    return cfg
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level")
+    return data
+
+
+def load_config(cls: type, stage: str, overrides: list[str] | dict | None = None,
+                path: str | Path | None = None) -> Any:
+    """defaults < configs/<stage>.yaml (or `path`) < overrides."""
+    path = Path(path) if path else config_path(stage)
+    values = read_yaml(path)
+    values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides or []))
+    return build_config(cls, values, where=f"{stage} config ({path.name})")
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def write_overrides(stage: str, overrides: dict[str, Any], path: str | Path | None = None) -> None:
+    """Apply overrides to the stage YAML in place (as `dvc exp run -S` does), so DVC sees them."""
+    path = Path(path) if path else config_path(stage)
+    values = read_yaml(path)
+    values.update(overrides)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def params_model(cls: type):
+    """A pydantic model of optional overrides for a stage config: the Prefect UI renders it as a form.
+
+    Every field defaults to None, meaning "keep what configs/<stage>.yaml says".
+    """
+    import pydantic
+
+    hints = get_type_hints(cls)
+    fields = {f.name: (hints[f.name] | None, pydantic.Field(default=None, description=f"default: {f.default!r}"))
+              for f in dataclasses.fields(cls)}
+    return pydantic.create_model(f"{cls.__name__}Overrides", __config__=pydantic.ConfigDict(extra="forbid"),
+                                 **fields)

@@ -1,0 +1,83 @@
+"""MLflow tracking: one sqlite store inside the project by default, one run per stage.
+
+A stage started by the pipeline finds its (already created, nested) run id in FORGELINE_RUN_ID
+and logs into it; a stage started by hand or by `dvc repro` alone opens a run of its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from forgeline.paths import ROOT, STATE
+
+EXPERIMENT = os.environ.get("FORGELINE_EXPERIMENT", "forgeline-llm")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
+    """An flock on `path`: released by the kernel when the holder dies, so never stale."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def init_tracking() -> str:
+    """Point MLflow at the store and create schema + experiment once, under a lock.
+
+    A fresh sqlite file migrated by two processes at once can be corrupted, so the first
+    touch of the store is serialised here. Returns the experiment id.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with file_lock(STATE / "mlflow-init.lock"):
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            location = None
+            if uri.startswith("sqlite:"):
+                # the default ./mlruns is relative to the cwd of whoever logs first: pin it
+                location = (ROOT / "mlartifacts").as_uri()
+            exp_id = client.create_experiment(EXPERIMENT, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, config: dict[str, Any]) -> Iterator[Any]:
+    """Open the stage's MLflow run and log its resolved config as params."""
+    import mlflow
+
+    from forgeline.lineage import git_commit
+
+    init_tracking()
+    run_id = os.environ.get("FORGELINE_RUN_ID")
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage) as run:
+        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(config).items()})
+        mlflow.set_tags({"forgeline.stage": stage, "git.commit": git_commit()})
+        yield run

@@ -1,0 +1,176 @@
+"""The workspace a pipeline run holds: one at a time, stages reproduced by DVC, lineage in MLflow.
+
+DVC is the one owner of staleness: each stage is `dvc repro --single-item <stage>`; DVC skips it
+when its deps, params and outs match dvc.lock. Every stage still gets an MLflow child run under
+the pipeline's parent run; a skipped one says so and points at the run that made its outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from forgeline.lineage import digests, git_commit
+from forgeline.paths import ROOT, STATE
+from forgeline.tracking import init_tracking, tracking_uri
+
+LOCK = STATE / "pipeline.lock"
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another pipeline run holds this workspace."""
+
+
+@contextlib.contextmanager
+def hold_workspace(owner: dict[str, Any], wait_s: float = 0.0, poll_s: float = 1.0) -> Iterator[None]:
+    """Hold the workspace lock for a whole pipeline run, waiting up to `wait_s` for it.
+
+    An flock dies with its process, so a killed run never leaves the workspace locked.
+    """
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(LOCK, "a+")
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "unknown"
+                    raise WorkspaceBusy(
+                        f"the workspace {ROOT} is held by another pipeline run ({holder}); "
+                        f"waited {wait_s:.0f}s. Retry when it finishes, or raise wait_s.") from None
+                time.sleep(poll_s)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"), **owner}))
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing the descriptor releases the flock
+
+
+def _stage_env(run_id: str) -> dict[str, str]:
+    """Environment for the stage command DVC starts: our interpreter first on PATH."""
+    env = {"FORGELINE_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking_uri(),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return env
+
+
+def _dataset(path: str, md5: str):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(ROOT / path))
+    return MetaDataset(source=source, name=path, digest=md5[:36])
+
+
+def run_stage(stage: str, parent_run_id: str, flow_run_id: str = "") -> dict[str, Any]:
+    """Reproduce one DVC stage inside an MLflow child run; return what happened.
+
+    Returns {'stage', 'run_id', 'skipped', 'deps', 'outs', 'seconds'}.
+    """
+    import mlflow
+    from dvc.repo import Repo
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    exp_id = init_tracking()
+    client = mlflow.MlflowClient(tracking_uri())
+    run = client.create_run(exp_id, tags={
+        MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: stage, "forgeline.stage": stage,
+        "prefect.flow_run_id": flow_run_id, "git.commit": git_commit()})
+    run_id = run.info.run_id
+
+    saved = {k: os.environ.get(k) for k in ("FORGELINE_RUN_ID", "MLFLOW_TRACKING_URI", "PATH")}
+    os.environ.update(_stage_env(run_id))
+    t0 = time.perf_counter()
+    try:
+        with Repo(str(ROOT)) as repo:
+            changed = repo.reproduce(stage, single_item=True)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    seconds = time.perf_counter() - t0
+    skipped = not any(s.addressing == stage for s in changed)
+
+    found = digests(stage)
+    tags = {"dvc.skipped": str(skipped).lower()}
+    tags.update({f"dvc.dep.{p}": md5 for p, md5 in found["deps"].items()})
+    tags.update({f"dvc.out.{p}": md5 for p, md5 in found["outs"].items()})
+    if skipped:
+        tags["forgeline.reused_run_id"] = producing_run(client, exp_id, stage, found["outs"])
+    with mlflow.start_run(run_id=run_id):
+        mlflow.set_tags(tags)
+        mlflow.log_metric("stage_seconds", seconds)
+        for path, md5 in found["deps"].items():
+            if path.startswith("data/"):
+                mlflow.log_input(_dataset(path, md5), context="input")
+        for path, md5 in found["outs"].items():
+            mlflow.log_input(_dataset(path, md5), context="output")
+    return {"stage": stage, "run_id": run_id, "skipped": skipped, "seconds": round(seconds, 2), **found}
+
+
+def producing_run(client, exp_id: str, stage: str, outs: dict[str, str]) -> str:
+    """The newest finished, non-skipped run of `stage` whose outputs have these digests."""
+    if not outs:
+        return ""
+    path, md5 = next(iter(outs.items()))
+    runs = client.search_runs(
+        [exp_id], max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=(f"tags.`forgeline.stage` = '{stage}' and tags.`dvc.skipped` = 'false' "
+                       f"and tags.`dvc.out.{path}` = '{md5}' and attributes.status = 'FINISHED'"))
+    return runs[0].info.run_id if runs else ""
+
+
+@contextlib.contextmanager
+def pipeline_run(name: str, stages: dict[str, type], overrides: dict[str, dict[str, Any]],
+                 wait_s: float = 0.0, flow_run_id: str = "") -> Iterator[dict[str, str]]:
+    """Everything a pipeline run does around its stages, in order:
+
+    1. check every stage config with its overrides (a bad one fails here, before any work);
+    2. hold the workspace (one pipeline run at a time);
+    3. write the overrides into configs/<stage>.yaml, where DVC sees them (like `dvc exp run -S`);
+    4. open the parent MLflow run that each stage's child run hangs from.
+    Yields {'parent_run_id', 'flow_run_id'}.
+    """
+    import mlflow
+
+    from forgeline.config import build_config, config_path, read_yaml, write_overrides
+
+    for stage, cls in stages.items():
+        build_config(cls, {**read_yaml(config_path(stage)), **overrides.get(stage, {})},
+                     where=f"{stage} config")
+    with hold_workspace({"pipeline": name, "flow_run_id": flow_run_id}, wait_s=wait_s):
+        for stage, values in overrides.items():
+            if values:
+                write_overrides(stage, values)
+        init_tracking()
+        with mlflow.start_run(run_name=name, tags={
+                "forgeline.pipeline": name, "prefect.flow_run_id": flow_run_id,
+                "git.commit": git_commit()}) as parent:
+            mlflow.log_dict(overrides, "overrides.json")
+            yield {"parent_run_id": parent.info.run_id, "flow_run_id": flow_run_id}
+
+
+def push(remote: str | None = None) -> int:
+    """`dvc push` of every stage output to the default (or named) remote; returns files pushed."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        return repo.push(remote=remote)
