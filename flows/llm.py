@@ -1,4 +1,4 @@
-"""The LLM pipeline: ingest → validate → chunk → tokenizer, one Prefect task per DVC stage.
+"""The LLM pipeline: ingest → validate → chunk → tokenizer → pretrain → evaluate, one Prefect task per DVC stage.
 
 DVC decides what is stale; each stage is an MLflow child run under one parent run per pipeline run.
 
@@ -18,13 +18,16 @@ from pydantic import BaseModel, Field
 from forgeline.config import params_model, parse_overrides
 from forgeline.workspace import pipeline_run, push
 from tasks.chunk import ChunkConfig, chunk_task
+from tasks.evaluate import EvaluateConfig, evaluate_task
 from tasks.ingest import IngestConfig, ingest_task
+from tasks.pretrain import PretrainConfig, pretrain_task
 from tasks.tokenizer import TokenizerConfig, tokenizer_task
 from tasks.validate import ValidateConfig, validate_task
 
 STAGES = {"ingest": IngestConfig, "validate": ValidateConfig, "chunk": ChunkConfig,
-          "tokenizer": TokenizerConfig}
-IngestOverrides, ValidateOverrides, ChunkOverrides, TokenizerOverrides = map(params_model, STAGES.values())
+          "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "evaluate": EvaluateConfig}
+(IngestOverrides, ValidateOverrides, ChunkOverrides, TokenizerOverrides, PretrainOverrides,
+ EvaluateOverrides) = map(params_model, STAGES.values())
 
 
 class LLMParams(BaseModel):
@@ -34,6 +37,8 @@ class LLMParams(BaseModel):
     validate_: ValidateOverrides = Field(default_factory=ValidateOverrides, alias="validate")
     chunk: ChunkOverrides = Field(default_factory=ChunkOverrides)
     tokenizer: TokenizerOverrides = Field(default_factory=TokenizerOverrides)
+    pretrain: PretrainOverrides = Field(default_factory=PretrainOverrides)
+    evaluate: EvaluateOverrides = Field(default_factory=EvaluateOverrides)
     wait_s: float = Field(0.0, description="seconds to wait for another run to free the workspace")
     push: bool = Field(True, description="dvc push the outputs to the default remote at the end")
 
@@ -57,6 +62,8 @@ def llm(params: LLMParams = LLMParams()) -> list[dict]:
             validate_task(run),
             chunk_task(run),
             tokenizer_task(run),
+            pretrain_task(run),
+            evaluate_task(run),
         ]
         if params.push:
             push_task()

@@ -11,6 +11,7 @@ an uninterrupted run would have seen, and N processes see the same global batch 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import shutil
@@ -74,6 +75,19 @@ class PretrainConfig:
                 raise ConfigError(f"pretrain: {name} must be >= 1")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError("pretrain: need 0 <= min_lr <= lr")
+
+    def checkpoint_root(self) -> Path:
+        """ckpt_dir/<key>: runs that would follow the same trajectory share (and resume) checkpoints.
+
+        The key hashes every setting that changes the weights, and the shards' meta.json; changing
+        e.g. lr or max_steps (the cosine schedule) or re-tokenizing starts a fresh run instead of
+        resuming one that took another path.
+        """
+        skip = {"out_dir", "ckpt_dir", "launch", "log_interval", "keep_checkpoints"}
+        settings = {k: v for k, v in asdict(self).items() if k not in skip}
+        meta = (Path(self.tokenizer_dir) / "meta.json").read_bytes()
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + meta).hexdigest()[:12]
+        return Path(self.ckpt_dir) / key
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig.from_preset(self.preset, vocab_size=vocab_size, block_size=self.block_size,
@@ -157,11 +171,12 @@ def pretrain(cfg: PretrainConfig, log=None) -> dict:
 
     # ---- resume from the newest complete checkpoint, if any
     step, history = 0, {"train": [], "val": []}
-    ckpt = latest_checkpoint(cfg.ckpt_dir)
+    ckpt_root = cfg.checkpoint_root()
+    ckpt = latest_checkpoint(ckpt_root)
     if ckpt is not None:
         state, ckpt_meta = load_checkpoint(ckpt, model)
         if ckpt_meta["model_config"] != asdict(model_cfg):
-            raise ConfigError(f"{ckpt} was trained with another model config; move it away or set ckpt_dir")
+            raise ConfigError(f"{ckpt} holds another model config; move it away or set ckpt_dir")
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         step, history = ckpt_meta["step"], ckpt_meta["history"]
@@ -184,7 +199,7 @@ def pretrain(cfg: PretrainConfig, log=None) -> dict:
         if step > 0 and step != resumed_at and step % cfg.eval_interval == 0:
             history["val"].append([step, estimate_loss(model, val_data, cfg, accelerator)])
         if step > 0 and step != resumed_at and step % cfg.ckpt_interval == 0:
-            save(cfg, accelerator, raw_model, optimizer, step, history, model_cfg)
+            save(ckpt_root, cfg, accelerator, raw_model, optimizer, step, history, model_cfg)
 
         # ---- micro-steps: accumulate gradients, sync only on the last one
         loss_sum = 0.0
@@ -202,7 +217,7 @@ def pretrain(cfg: PretrainConfig, log=None) -> dict:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         loss_value = accelerator.reduce(loss_sum / cfg.grad_accum, reduction="mean").item()
         if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
-            last = latest_checkpoint(cfg.ckpt_dir)
+            last = latest_checkpoint(ckpt_root)
             raise NonFiniteLoss(f"non-finite loss ({loss_value}) or grad norm ({float(grad_norm)}) at step {step}; "
                                 f"stopped before the update. Last good checkpoint: {last or 'none'}")
         optimizer.step()
@@ -231,7 +246,7 @@ def pretrain(cfg: PretrainConfig, log=None) -> dict:
     else:
         val_loss = estimate_loss(model, val_data, cfg, accelerator)
         history["val"].append([step, val_loss])
-        save(cfg, accelerator, raw_model, optimizer, step, history, model_cfg)
+        save(ckpt_root, cfg, accelerator, raw_model, optimizer, step, history, model_cfg)
     summary = {"steps": step, "final_train_loss": history["train"][-1][1] if history["train"] else float("nan"),
                "val_loss": val_loss, "params": raw_model.num_params(),
                "train_seconds": time.perf_counter() - t_start, "processes": world}
@@ -241,10 +256,10 @@ def pretrain(cfg: PretrainConfig, log=None) -> dict:
     return summary
 
 
-def save(cfg, accelerator, raw_model, optimizer, step, history, model_cfg) -> None:
+def save(root: Path, cfg, accelerator, raw_model, optimizer, step, history, model_cfg) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(cfg.ckpt_dir, step, raw_model,
+        save_checkpoint(root, step, raw_model,
                         {"optimizer": optimizer.state_dict(), "rng": rng_state()},
                         {"data_position": {"step": step, "micro": 0}, "history": history,
                          "model_config": asdict(model_cfg), "train_config": asdict(cfg)},

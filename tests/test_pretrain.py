@@ -79,7 +79,7 @@ def test_exact_resume_after_crash(shards, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         pretrain(crashed, log=crash)
-    assert latest_checkpoint(crashed.ckpt_dir).name == "step_00000003"
+    assert latest_checkpoint(crashed.checkpoint_root()).name == "step_00000003"
     pretrain(crashed)  # resumes from step 3, runs to 8
 
     a = load_file(Path(full.out_dir) / "model.safetensors")
@@ -92,21 +92,29 @@ def test_exact_resume_after_crash(shards, tmp_path):
     assert ha == hb
 
 
-def test_checkpoint_without_marker_is_skipped(shards, tmp_path):
+def test_checkpoint_without_marker_is_skipped(shards, tmp_path, capsys):
     cfg = tiny_cfg(shards, tmp_path, max_steps=6)
     pretrain(cfg)
-    names = [p.name for p in complete_checkpoints(cfg.ckpt_dir)]
-    assert names == ["step_00000003", "step_00000006"]
-    (Path(cfg.ckpt_dir) / "step_00000006" / MARKER).unlink()
-    assert latest_checkpoint(cfg.ckpt_dir).name == "step_00000003"
+    root = cfg.checkpoint_root()
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000003", "step_00000006"]
+    (root / "step_00000006" / MARKER).unlink()
+    assert latest_checkpoint(root).name == "step_00000003"
     # a torn write (marker present, file truncated) is not complete either
-    ckpt3 = Path(cfg.ckpt_dir) / "step_00000003"
-    shutil.copytree(ckpt3, Path(cfg.ckpt_dir) / "step_00000005")
-    with open(Path(cfg.ckpt_dir) / "step_00000005" / "model.safetensors", "r+b") as f:
+    shutil.copytree(root / "step_00000003", root / "step_00000005")
+    with open(root / "step_00000005" / "model.safetensors", "r+b") as f:
         f.truncate(100)
-    assert latest_checkpoint(cfg.ckpt_dir).name == "step_00000003"
-    summary = pretrain(replace(cfg, max_steps=7))
-    assert summary["steps"] == 7
+    assert latest_checkpoint(root).name == "step_00000003"
+    capsys.readouterr()
+    summary = pretrain(cfg)
+    assert "resumed from" in capsys.readouterr().out and summary["steps"] == 6
+    assert [p.name for p in complete_checkpoints(root)][-1] == "step_00000006"
+
+
+def test_changed_settings_start_fresh_instead_of_resuming(shards, tmp_path):
+    cfg = tiny_cfg(shards, tmp_path, max_steps=3)
+    assert cfg.checkpoint_root() != replace(cfg, lr=1e-2).checkpoint_root()
+    assert cfg.checkpoint_root() != replace(cfg, max_steps=9).checkpoint_root()
+    assert cfg.checkpoint_root() == replace(cfg, log_interval=5, out_dir="elsewhere").checkpoint_root()
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch):
@@ -126,10 +134,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monke
     with pytest.raises(NonFiniteLoss, match="at step 4") as err:
         pretrain(cfg)
     assert "step_00000003" in str(err.value)
-    before = {p.name: p.read_bytes() for p in (Path(cfg.ckpt_dir) / "step_00000003").iterdir()}
-    assert latest_checkpoint(cfg.ckpt_dir).name == "step_00000003"
-    after = {p.name: p.read_bytes() for p in latest_checkpoint(cfg.ckpt_dir).iterdir()}
-    assert before == after
+    root = cfg.checkpoint_root()
+    assert latest_checkpoint(root).name == "step_00000003"
+    assert [p.name for p in root.iterdir()] == ["step_00000003"]  # nothing half-written beside it
     assert not Path(cfg.out_dir, "model.safetensors").exists()
 
 
