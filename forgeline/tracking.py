@@ -47,9 +47,10 @@ def init_tracking() -> str:
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
             location = None
-            if uri.startswith("sqlite:"):
+            if uri.startswith("sqlite:///"):
                 # the default ./mlruns is relative to the cwd of whoever logs first: pin it
-                location = (ROOT / "mlartifacts").as_uri()
+                # beside the database file
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
             exp_id = client.create_experiment(EXPERIMENT, artifact_location=location)
         else:
             exp_id = exp.experiment_id
