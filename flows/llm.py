@@ -9,20 +9,21 @@ DVC decides what is stale; each stage is an MLflow child run under one parent ru
 from __future__ import annotations
 
 import argparse
+import sys
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from forgeline.config import params_model, parse_overrides
-from forgeline.workspace import pipeline_run, push
+from forgeline.config import ConfigError, params_model, parse_overrides
+from forgeline.workspace import WorkspaceBusy, pipeline_run, push
 from tasks.chunk import ChunkConfig, chunk_task
 from tasks.evaluate import EvaluateConfig, evaluate_task
 from tasks.ingest import IngestConfig, ingest_task
 from tasks.pretrain import PretrainConfig, pretrain_task
 from tasks.tokenizer import TokenizerConfig, tokenizer_task
-from tasks.validate import ValidateConfig, validate_task
+from tasks.validate import ValidateConfig, ValidationFailed, validate_task
 
 STAGES = {"ingest": IngestConfig, "validate": ValidateConfig, "chunk": ChunkConfig,
           "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "evaluate": EvaluateConfig}
@@ -83,8 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in parse_overrides(args.overrides).items():
         stage, _, field = key.partition(".")
         nested.setdefault(stage, {})[field] = value
-    params = LLMParams.model_validate({**nested, "wait_s": args.wait_s, "push": not args.no_push})
-    for r in llm(params):
+    try:
+        params = LLMParams.model_validate({**nested, "wait_s": args.wait_s, "push": not args.no_push})
+        results = llm(params)
+    except (ConfigError, ValidationError, ValidationFailed, WorkspaceBusy) as e:
+        sys.exit(f"llm: {type(e).__name__}: {e}")
+    for r in results:
         print(f"{r['stage']:>10}: {'skipped (up to date)' if r['skipped'] else 'ran'} in {r['seconds']:.1f}s")
 
 

@@ -24,12 +24,16 @@ def git_commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
-def lock_entry(stage: str, root: Path = ROOT) -> dict[str, Any]:
-    """The stage's entry of dvc.lock: {'deps': [...], 'outs': [...], 'params': {...}}."""
+def read_lock(root: Path = ROOT) -> dict[str, Any]:
+    """dvc.lock's stages: {stage: {'cmd', 'deps': [...], 'outs': [...], 'params': {...}}}."""
     lock = root / "dvc.lock"
     if not lock.exists():
         return {}
-    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {})
+    return (yaml.load(lock.read_text(), Loader=yaml.CSafeLoader) or {}).get("stages", {})
+
+
+def lock_entry(stage: str, root: Path = ROOT) -> dict[str, Any]:
+    return read_lock(root).get(stage, {})
 
 
 def digests(stage: str, root: Path = ROOT) -> dict[str, dict[str, str]]:

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from forgeline.lineage import digests, git_commit
+from forgeline.lineage import digests, git_commit, read_lock
 from forgeline.paths import ROOT, STATE
 from forgeline.tracking import init_tracking, tracking_uri
 
@@ -82,7 +82,8 @@ def run_stage(stage: str, parent_run_id: str, flow_run_id: str = "") -> dict[str
     """
     import mlflow
     from dvc.repo import Repo
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+    from mlflow.entities import DatasetInput, InputTag, Metric, RunTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     exp_id = init_tracking()
     client = mlflow.MlflowClient(tracking_uri())
@@ -115,15 +116,29 @@ def run_stage(stage: str, parent_run_id: str, flow_run_id: str = "") -> dict[str
     tags.update({f"dvc.out.{p}": md5 for p, md5 in found["outs"].items()})
     if skipped:
         tags["forgeline.reused_run_id"] = producing_run(client, exp_id, stage, found["outs"])
-    with mlflow.start_run(run_id=run_id):
-        mlflow.set_tags(tags)
-        mlflow.log_metric("stage_seconds", seconds)
-        for path, md5 in found["deps"].items():
-            if path.startswith("data/"):
-                mlflow.log_input(_dataset(path, md5), context="input")
-        for path, md5 in found["outs"].items():
-            mlflow.log_input(_dataset(path, md5), context="output")
+    for upstream, (out_path, md5) in upstream_outs(stage).items():
+        tags[f"lineage.upstream.{upstream}"] = producing_run(client, exp_id, upstream, {out_path: md5})
+    client.log_batch(run_id, metrics=[Metric("stage_seconds", seconds, int(time.time() * 1000), 0)],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    datasets = [DatasetInput(_dataset(p, md5)._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "input")])
+                for p, md5 in found["deps"].items() if p.startswith("data/")]
+    datasets += [DatasetInput(_dataset(p, md5)._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "output")])
+                 for p, md5 in found["outs"].items()]
+    client.log_inputs(run_id, datasets)
+    client.set_terminated(run_id, "FINISHED")
     return {"stage": stage, "run_id": run_id, "skipped": skipped, "seconds": round(seconds, 2), **found}
+
+
+def upstream_outs(stage: str) -> dict[str, tuple[str, str]]:
+    """{upstream stage: (its out path, md5 in dvc.lock)} for each out this stage's deps lie in."""
+    lock = read_lock()
+    mine = [d["path"] for d in lock.get(stage, {}).get("deps", [])]
+    found = {}
+    for other, entry in lock.items():
+        for out in entry.get("outs", []):
+            if other != stage and any(d == out["path"] or d.startswith(out["path"] + "/") for d in mine):
+                found[other] = (out["path"], out.get("md5", ""))
+    return found
 
 
 def producing_run(client, exp_id: str, stage: str, outs: dict[str, str]) -> str:

@@ -1,0 +1,177 @@
+"""The LLM flow end to end on the shipped sample, in a throw-away copy of the repo.
+
+Real Prefect (ephemeral), real DVC, real MLflow (sqlite): a first run, a no-op rerun that skips
+every stage, a chunk change that reruns from chunk on, lineage in MLflow, the workspace lock,
+and the validation gate stopping the flow.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import run_in, workspace_env
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["ingest", "validate", "chunk", "tokenizer", "pretrain", "evaluate"]
+# keep the pretraining in the smoke test short; the demo trains the full tiny preset
+FAST = ["pretrain.max_steps=12", "pretrain.eval_interval=6", "pretrain.ckpt_interval=6",
+        "pretrain.log_interval=6", "pretrain.batch_size=8", "evaluate.max_eval_tokens=20000",
+        "evaluate.n_samples=2", "evaluate.max_new_tokens=8"]
+
+
+def stage_lines(out: str) -> dict[str, str]:
+    """'    ingest: ran in 3.2s' lines printed by `python -m flows.llm` -> {stage: 'ran'|'skipped'}."""
+    found = {}
+    for line in out.splitlines():
+        stage, sep, rest = line.strip().partition(": ")
+        if sep and stage in STAGES and ("ran in" in rest or "skipped" in rest):
+            found[stage] = "skipped" if rest.startswith("skipped") else "ran"
+    return found
+
+
+def mlflow_runs(ws):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{ws}/mlflow.db")
+    exp = client.get_experiment_by_name("forgeline-llm")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"],
+                                      max_results=500)
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace):
+    proc = run_in(workspace, "-m", "flows.llm", *FAST)  # pushes to the default remote at the end
+    return workspace, proc
+
+
+def test_first_run_runs_every_stage(first_run):
+    ws, proc = first_run
+    assert stage_lines(proc.stdout) == {s: "ran" for s in STAGES}, proc.stdout[-3000:]
+    docs = json.loads((ws / "data" / "ingest" / "summary.json").read_text())
+    assert docs["documents"] >= 8 and docs["ocr_pages"] >= 1
+    meta = json.loads((ws / "data" / "tokenizer" / "meta.json").read_text())
+    assert meta["n_tokens"]["train"] > 100_000
+    metrics = json.loads((ws / "data" / "evaluate" / "metrics.json").read_text())
+    assert 0 < metrics["val_bits_per_byte"] < 8
+    # everything was pushed to the default (local directory) remote
+    assert any((ws / ".dvcstore").rglob("*"))
+    assert "in sync" in run_in(ws, sys.executable, "-m", "dvc", "status", "--cloud").stdout
+    # the overrides went where DVC sees them
+    assert yaml.safe_load((ws / "configs" / "pretrain.yaml").read_text())["max_steps"] == 12
+
+
+def test_lineage_in_mlflow(first_run):
+    ws, _ = first_run
+    client, runs = mlflow_runs(ws)
+    parents = [r for r in runs if r.data.tags.get("forgeline.pipeline") == "llm"]
+    assert len(parents) == 1
+    parent = parents[0]
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    assert flow_run_id and parent.data.tags["git.commit"] != "unknown"
+    children = {r.data.tags["forgeline.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == sorted(STAGES)
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    for stage, run in children.items():
+        assert run.info.status == "FINISHED"
+        tags = run.data.tags
+        assert tags["prefect.flow_run_id"] == flow_run_id
+        assert tags["dvc.skipped"] == "false"
+        for out in lock[stage]["outs"]:
+            assert tags[f"dvc.out.{out['path']}"] == out["md5"]
+        for dep in lock[stage]["deps"]:
+            assert tags[f"dvc.dep.{dep['path']}"] == dep["md5"]
+        assert run.data.params, f"{stage} logged no params"
+        outputs = [d for d in run.inputs.dataset_inputs
+                   if any(t.key == "mlflow.data.context" and t.value == "output" for t in d.tags)]
+        assert {d.dataset.name for d in outputs} == {o["path"] for o in lock[stage]["outs"]}
+        assert {d.dataset.digest for d in outputs} == {o["md5"][:36] for o in lock[stage]["outs"]}
+    # each stage names the runs that produced the data it read
+    ids = {stage: run.info.run_id for stage, run in children.items()}
+    assert children["pretrain"].data.tags["lineage.upstream.tokenizer"] == ids["tokenizer"]
+    assert children["tokenizer"].data.tags["lineage.upstream.chunk"] == ids["chunk"]
+    assert children["chunk"].data.tags["lineage.upstream.validate"] == ids["validate"]
+    assert children["evaluate"].data.tags["lineage.upstream.pretrain"] == ids["pretrain"]
+    assert "lineage.upstream.ingest" not in children["ingest"].data.tags
+    assert children["chunk"].data.params["splitter"]
+    assert "pretrain.loss" not in children["pretrain"].data.metrics
+    assert children["pretrain"].data.metrics["val_loss"] > 0
+    assert "loss_curve.png" in {a.path for a in client.list_artifacts(children["pretrain"].info.run_id)}
+
+
+def test_rerun_with_nothing_changed_skips_everything(first_run):
+    ws, _ = first_run
+    t0 = time.perf_counter()
+    proc = run_in(ws, "-m", "flows.llm", "--no-push")
+    assert stage_lines(proc.stdout) == {s: "skipped" for s in STAGES}, proc.stdout[-3000:]
+    print(f"no-op rerun of the flow: {time.perf_counter() - t0:.1f}s")
+    client, runs = mlflow_runs(ws)
+    skipped = [r for r in runs if r.data.tags.get("dvc.skipped") == "true"]
+    assert len(skipped) == len(STAGES)
+    # a skipped stage points at the run that produced its (unchanged) outputs
+    produced = {r.info.run_id for r in runs if r.data.tags.get("dvc.skipped") == "false"}
+    assert all(r.data.tags["forgeline.reused_run_id"] in produced for r in skipped)
+    # and plain `dvc repro` agrees that nothing is stale
+    status = run_in(ws, sys.executable, "-m", "dvc", "status")
+    assert "up to date" in status.stdout
+
+
+def test_changing_a_chunk_parameter_reruns_from_chunk(first_run):
+    ws, _ = first_run
+    size = yaml.safe_load((ws / "configs" / "chunk.yaml").read_text())["chunk_size"]
+    proc = run_in(ws, "-m", "flows.llm", f"chunk.chunk_size={size + 100}", "--no-push")
+    lines = stage_lines(proc.stdout)
+    assert lines["ingest"] == lines["validate"] == "skipped"
+    assert lines["chunk"] == lines["tokenizer"] == "ran"
+    # pretrain/evaluate depend on the tokenizer's outputs, which changed with the chunks
+    assert lines["pretrain"] == lines["evaluate"] == "ran"
+
+
+def test_unknown_config_key_fails_before_any_work(first_run):
+    ws, _ = first_run
+    lock_before = (ws / "dvc.lock").read_text()
+    _, runs_before = mlflow_runs(ws)
+    proc = run_in(ws, "-m", "flows.llm", "chunk.chunk_sizes=5", "--no-push", check=False)
+    assert proc.returncode != 0
+    assert "chunk_sizes" in proc.stdout + proc.stderr
+    assert (ws / "dvc.lock").read_text() == lock_before
+    _, runs_after = mlflow_runs(ws)
+    assert len(runs_after) == len(runs_before)
+
+
+def test_second_pipeline_run_fails_clearly_while_workspace_is_held(first_run):
+    ws, _ = first_run
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl,sys,time; f=open('.forgeline/pipeline.lock','a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write('held by test'); f.flush(); print('held', flush=True); "
+         "time.sleep(120)"],
+        cwd=ws, env=workspace_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = run_in(ws, "-m", "flows.llm", "--no-push", "--wait-s", "2", check=False)
+        assert proc.returncode != 0
+        assert "held by another pipeline run" in proc.stdout + proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_failed_validation_stops_the_flow_before_chunk(first_run):
+    ws, _ = first_run
+    proc = run_in(ws, "-m", "flows.llm", "validate.min_chars=10000000", "--no-push", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "expect_column_value_lengths_to_be_between(text)" in out and "unexpected" in out
+    client, runs = mlflow_runs(ws)
+    last_parent = [r for r in runs if r.data.tags.get("forgeline.pipeline") == "llm"][-1]
+    stages = {r.data.tags["forgeline.stage"] for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == last_parent.info.run_id}
+    assert stages == {"ingest", "validate"}
+    assert (ws / "data" / "validate" / "data_docs" / "index.html").exists()
