@@ -33,12 +33,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import task
-
 from forgeline.config import ConfigError, config_dict, load_config
 from forgeline.paths import ROOT
 from forgeline.tracking import stage_run
-from forgeline.workspace import run_stage
 
 # pyarrow, fsspec, pypdfium2, PIL and mlflow are imported inside functions: the parser child
 # imports this module and should start fast and small.
@@ -593,9 +590,24 @@ def main(argv: list[str] | None = None) -> None:
             mlflow.log_artifact(str(csv))
 
 
-@task(name="ingest", retries=1, retry_delay_seconds=10)  # an s3:// source can fail transiently
-def ingest_task(run: dict[str, str]) -> dict:
-    return run_stage("ingest", **run)
+def __getattr__(name: str):
+    """`ingest_task`, the Prefect task, built on first access (PEP 562).
+
+    The sandboxed parser child imports this module for every PDF and image; importing Prefect
+    there would add over a CPU-second to each file. The flow gets a real Prefect task all the same.
+    """
+    if name != "ingest_task":
+        raise AttributeError(name)
+    from prefect import task
+
+    from forgeline.workspace import run_stage
+
+    @task(name="ingest", retries=1, retry_delay_seconds=10)  # an s3:// source can fail transiently
+    def ingest_task(run: dict[str, str]) -> dict:
+        return run_stage("ingest", **run)
+
+    globals()["ingest_task"] = ingest_task
+    return ingest_task
 
 
 if __name__ == "__main__":
