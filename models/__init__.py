@@ -1,0 +1,1 @@
+"""Model definitions in pure PyTorch (no Prefect, MLflow or file-system code): `models.gpt` is the decoder."""
