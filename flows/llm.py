@@ -1,4 +1,5 @@
-"""The LLM pipeline: ingest → validate → chunk → tokenizer → pretrain → evaluate, one Prefect task per DVC stage.
+"""The LLM pipeline: ingest → validate → chunk → tokenizer → pretrain → evaluate, one Prefect task per DVC stage,
+then the trained model is registered in MLflow (forgeline-llm@candidate).
 
 DVC decides what is stale; each stage is an MLflow child run under one parent run per pipeline run.
 
@@ -17,11 +18,13 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, ValidationError
 
 from forgeline.config import ConfigError, params_model, parse_overrides
+from forgeline.registry import register
 from forgeline.workspace import WorkspaceBusy, pipeline_run, push
 from tasks.chunk import ChunkConfig, chunk_task
 from tasks.evaluate import EvaluateConfig, evaluate_task
 from tasks.ingest import IngestConfig, ingest_task
 from tasks.pretrain import PretrainConfig, pretrain_task
+from tasks.report import report_task
 from tasks.tokenizer import TokenizerConfig, tokenizer_task
 from tasks.validate import ValidateConfig, ValidationFailed, validate_task
 
@@ -50,6 +53,12 @@ class LLMParams(BaseModel):
                 for stage in STAGES}
 
 
+@task(name="register", retries=2, retry_delay_seconds=5)
+def register_task(run: dict[str, str]) -> dict:
+    """The trained model (pretrain's model/ artifacts) as a version of forgeline-llm, alias candidate."""
+    return register("pretrain", run["parent_run_id"], run["flow_run_id"])
+
+
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
 def push_task() -> int:
     return push()
@@ -66,6 +75,9 @@ def llm(params: LLMParams = LLMParams()) -> list[dict]:
             pretrain_task(run),
             evaluate_task(run),
         ]
+        model = register_task(run)
+        print(f"model: {model['uri']} ({'new version' if model['created'] else 'unchanged'}) from run {model['run_id']}")
+        report_task(run)
         if params.push:
             push_task()
     create_table_artifact(key="llm-stages", description="stages of this pipeline run", table=[

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_pkgs=(tesseract-ocr tesseract-ocr-eng)
+apt_pkgs=(tesseract-ocr tesseract-ocr-eng wordnet-base)  # wordnet-base: METEOR offline
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

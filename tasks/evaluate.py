@@ -9,7 +9,6 @@ per token and does not.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -19,8 +18,10 @@ import numpy as np
 import torch
 from prefect import task
 
+from forgeline import metrics as fm
 from forgeline.config import ConfigError, config_dict, load_config
 from forgeline.workspace import run_stage
+from models.sampling import GenerationConfig, generate
 
 
 @dataclass
@@ -71,8 +72,8 @@ def score(model, tokens: np.ndarray, context: int, batch_size: int, lengths: np.
         nll_nats += nll.item()
         n_tokens += y.numel()
         n_bytes += int(lengths[y.numpy()].sum())
-    return {"val_loss": nll_nats / n_tokens, "val_perplexity": math.exp(nll_nats / n_tokens),
-            "val_bits_per_byte": nll_nats / math.log(2) / max(1, n_bytes),
+    return {"val_loss": nll_nats / n_tokens, "val_perplexity": fm.perplexity_from_nll(nll_nats, n_tokens),
+            "val_bits_per_byte": fm.bits_per_byte(nll_nats, max(1, n_bytes)),
             "scored_tokens": n_tokens, "scored_bytes": n_bytes}
 
 
@@ -101,13 +102,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     metrics["eval_seconds"] = time.perf_counter() - t0
     metrics["context"] = context
 
-    samples = []
     eot = meta["special_tokens"]["<|endoftext|>"]
-    for prompt in held_out_prompts(val, eot, cfg.n_samples, cfg.prompt_tokens):
-        idx = torch.from_numpy(prompt.astype(np.int64))[None]
-        out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
-        samples.append({"prompt": tokenizer.decode(prompt.tolist()),
-                        "continuation": tokenizer.decode(out[0, len(prompt):].tolist())})
+    prompts = [p.astype(np.int64).tolist() for p in held_out_prompts(val, eot, cfg.n_samples, cfg.prompt_tokens)]
+    decoding = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                seed=cfg.seed)
+    outs = generate(model, prompts, decoding) if prompts else []
+    shown = {k: getattr(decoding, k) for k in ("temperature", "top_k", "max_new_tokens", "seed")}
+    samples = [{"prompt": tokenizer.decode(p), "continuation": tokenizer.decode(o), "decoding": shown}
+               for p, o in zip(prompts, outs)]
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
