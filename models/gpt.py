@@ -77,14 +77,15 @@ def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate each feature pair (2j, 2j+1) of x (B, T, heads, D) by its position's angle; rot (T, D/2).
+    """Rotate each feature pair (2j, 2j+1) of x (B, T, heads, D) by its position's angle;
+    rot (T, D/2), or (B, T, D/2) when each row has its own positions (left-padded batches).
 
     Adjacent pairs as in the RoFormer paper (and Meta's Llama): read as complex numbers, the
     rotation is one complex multiply, which measured ~2x faster in forward + backward than
     rotating the two halves with slices and a cat. Computed in fp32, returned in x's dtype.
     """
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, D/2)
-    return torch.view_as_real(xc * rot[:, None, :]).flatten(-2).type_as(x)
+    return torch.view_as_real(xc * rot.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -136,7 +137,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None, kv_cache: KVCache | None,
-                layer: int) -> torch.Tensor:
+                layer: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: an explicit boolean (B, 1, T, S) attention mask (True = may attend), for batches
+        with padding; None = plain causal attention over the cache and the new tokens."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_heads, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -149,14 +152,13 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             start = kv_cache.length
             k, v = kv_cache.update(layer, k, v)                              # (B, Hkv, S, D)
-        mask = None
-        if start > 0 and T > 1:
+        if mask is None and start > 0 and T > 1:
             # new query i sits at position start + i and sees keys 0..start + i. SDPA's is_causal
             # aligns the triangle top-left, which is wrong once keys outnumber queries.
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         # start > 0, T == 1: the one new token sees every cached key, so no mask at all
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=start == 0,
+            q, k, v, attn_mask=mask, is_causal=mask is None and start == 0,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=Hkv != H)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.resid_dropout(self.c_proj(y))
@@ -208,8 +210,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None, kv_cache: KVCache | None,
-                layer: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache, layer)
+                layer: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -383,6 +385,44 @@ class GPT(nn.Module):
                 n -= self.wte.weight.numel()
         return n
 
+    def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+               positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> final-norm hidden states (B, T, C): the trunk, without the LM head.
+
+        kv_cache: the new tokens sit at positions kv_cache.length.. and attend to everything
+        cached; the cache is extended by T. Without one, positions start at 0.
+        positions (B, T) and mask (B, 1, T, S), for left-padded batches: each row's own positions
+        and which cached/new keys each query may see (models/sampling.py builds them).
+        """
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        pos = positions if positions is not None else torch.arange(start, start + T, device=idx.device)
+        if self.config.pos_encoding == "learned" and int(pos.max()) >= self.config.block_size:
+            raise ValueError(f"learned positions stop at block_size={self.config.block_size}; "
+                             f"got positions up to {int(pos.max())}")
+        x = self.wte(idx)                                          # (B, T, C)
+        rope = None
+        if self.config.pos_encoding == "learned":
+            x = x + self.wpe(pos)
+        elif self.config.pos_encoding == "sincos":
+            # Vaswani et al. §3.4 scale embeddings by sqrt(C): with std-0.02 init the unit-size
+            # sine-cosine table would otherwise drown the tokens (it slows early training here)
+            table = sincos_table(pos.flatten(), self.config.n_embd).view(*pos.shape, -1)
+            x = x * math.sqrt(self.config.n_embd) + table.to(x.dtype)
+        else:
+            rope = rope_angles(pos.flatten(), self.config.head_dim, self.config.rope_theta)
+            rope = rope.view(*pos.shape, -1)                       # (T, D/2) or (B, T, D/2)
+        x = self.drop(x)
+
+        for layer, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(block, x, rope, None, layer, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, kv_cache, layer, mask)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.ln_f(x)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (None, loss).
@@ -390,36 +430,9 @@ class GPT(nn.Module):
         targets (B, T): next-token ids, -100 where no loss is wanted (e.g. SFT prompt tokens). The
         mean cross-entropy is computed chunk-wise with the LM head (`linear_cross_entropy`), so
         training never materialises the (B, T, V) logits; call without targets to get them.
-        kv_cache: the new tokens sit at positions kv_cache.length.. and attend to everything
-        cached; the cache is extended by T. Without one, positions start at 0.
+        kv_cache: as in `hidden`.
         """
-        B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.wte(idx)                                          # (B, T, C)
-        rope = None
-        if self.config.pos_encoding == "learned":
-            if start + T > self.config.block_size:
-                raise ValueError(f"learned positions stop at block_size={self.config.block_size}; "
-                                 f"got positions up to {start + T - 1}")
-            x = x + self.wpe(pos)
-        elif self.config.pos_encoding == "sincos":
-            # Vaswani et al. §3.4 scale embeddings by sqrt(C): with std-0.02 init the unit-size
-            # sine-cosine table would otherwise drown the tokens (it slows early training here)
-            x = x * math.sqrt(self.config.n_embd) + sincos_table(pos, self.config.n_embd).to(x.dtype)
-        else:
-            rope = rope_angles(pos, self.config.head_dim, self.config.rope_theta)
-        x = self.drop(x)
-
-        for layer, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(block, x, rope, None, layer, use_reentrant=False)
-            else:
-                x = block(x, rope, kv_cache, layer)
-        if kv_cache is not None:
-            kv_cache.length += T
-
-        x = self.ln_f(x)
+        x = self.hidden(idx, kv_cache)
         if targets is None:
             return self.lm_head(x), None                           # (B, T, V)
         return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())

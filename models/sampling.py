@@ -24,14 +24,13 @@ arguments, `padded_forward` becomes one call.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from models.gpt import KVCache, rope_angles, sincos_table
+from models.gpt import KVCache
 
 
 @dataclass(frozen=True)
@@ -119,50 +118,21 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, cfg: Generat
 # ----------------------------------------------------------------------------- batched forward
 
 
-def _rope_rows(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """apply_rope with a rotation per row and position: x (B, T, heads, D), rot (B, T, D/2) complex."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * rot[:, :, None, :]).flatten(-2).type_as(x)
-
-
 def padded_forward(model, idx: torch.Tensor, cache: KVCache, pos: torch.Tensor,
                    key_valid: torch.Tensor) -> torch.Tensor:
-    """GPT.forward for a left-padded batch: last-position logits (B, V).
+    """GPT forward for a left-padded batch: last-position logits (B, V).
 
     idx (B, T) new tokens at cache slots cache.length.., pos (B, T) their positions within each
     row's own sequence, key_valid (B, cache.max_len) False at pad slots. A query sees the earlier
     non-pad keys and itself (a pad query seeing only itself keeps its row finite; no real query
-    ever sees it). Mirrors models.gpt: embeddings -> blocks (pre-norm attention, MLP) -> ln_f -> head.
+    ever sees it). Only the last position goes through the LM head.
     """
-    cfg = model.config
-    B, T = idx.shape
-    start = cache.length
-    x = model.wte(idx)
-    rot = None
-    if cfg.pos_encoding == "learned":
-        x = x + model.wpe(pos)
-    elif cfg.pos_encoding == "sincos":
-        x = x * math.sqrt(cfg.n_embd) + sincos_table(pos.flatten(), cfg.n_embd).view(B, T, -1).to(x.dtype)
-    else:
-        rot = rope_angles(pos.flatten(), cfg.head_dim, cfg.rope_theta).view(B, T, -1)
+    start, T = cache.length, idx.size(1)
     slots = torch.arange(start + T, device=idx.device)
     query_slots = slots[start:, None]                                        # (T, 1)
     mask = (slots[None, :] <= query_slots) & (key_valid[:, None, :start + T] | (slots[None, :] == query_slots))
-    mask = mask[:, None]                                                     # (B, 1, T, S)
-    for layer, block in enumerate(model.blocks):
-        attn, h = block.attn, block.ln_1(x)
-        H, Hkv, D = attn.n_head, attn.n_kv_heads, attn.head_dim
-        q, k, v = attn.c_attn(h).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        if rot is not None:
-            q, k = _rope_rows(q, rot), _rope_rows(k, rot)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
-        x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
-        x = x + block.mlp(block.ln_2(x))
-    cache.length += T
-    return model.lm_head(model.ln_f(x[:, -1]))
+    h = model.hidden(idx, cache, positions=pos, mask=mask[:, None])          # mask (B, 1, T, S)
+    return model.lm_head(h[:, -1])
 
 
 class _Batch:
