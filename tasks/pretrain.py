@@ -64,6 +64,7 @@ class PretrainConfig:
     ckpt_interval: int = 50                 # steps between checkpoints
     keep_checkpoints: int = 2
     log_interval: int = 10
+    peak_flops: float = 0.0                 # FLOP/s per process for MFU; 0 = measure matmuls at start
     seed: int = 1337
 
     def check(self) -> None:
@@ -83,7 +84,7 @@ class PretrainConfig:
         e.g. lr or max_steps (the cosine schedule) or re-tokenizing starts a fresh run instead of
         resuming one that took another path.
         """
-        skip = {"out_dir", "ckpt_dir", "launch", "log_interval", "keep_checkpoints"}
+        skip = {"out_dir", "ckpt_dir", "launch", "log_interval", "keep_checkpoints", "peak_flops"}
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
         meta = (Path(self.tokenizer_dir) / "meta.json").read_bytes()
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + meta).hexdigest()[:12]
@@ -186,7 +187,8 @@ def pretrain(cfg: PretrainConfig, log=None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
-    peak = matmul_peak_flops(torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
+    # a start-up probe on a busy machine reads low (MFU then reads high): set peak_flops to pin it
+    peak = cfg.peak_flops or matmul_peak_flops(torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     t_start, t_last, last_step = time.perf_counter(), time.perf_counter(), step
     while step < cfg.max_steps:
