@@ -134,7 +134,10 @@ def params_model(cls: type):
     import pydantic
 
     hints = get_type_hints(cls)
-    fields = {f.name: (hints[f.name] | None, pydantic.Field(default=None, description=f"default: {f.default!r}"))
+    def default(f):
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+    fields = {f.name: (hints[f.name] | None, pydantic.Field(default=None, description=f"default: {default(f)!r}"))
               for f in dataclasses.fields(cls)}
     return pydantic.create_model(f"{cls.__name__}Overrides", __config__=pydantic.ConfigDict(extra="forbid"),
                                  **fields)

@@ -42,7 +42,10 @@ def init_tracking() -> str:
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    with file_lock(STATE / "mlflow-init.lock"):
+    # only a sqlite file needs the lock; a server serialises its own schema creation, and holding
+    # the lock through the client's network retries would stall every other process
+    lock = file_lock(STATE / "mlflow-init.lock") if uri.startswith("sqlite:") else contextlib.nullcontext()
+    with lock:
         client = mlflow.MlflowClient(uri)
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:

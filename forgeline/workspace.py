@@ -89,7 +89,7 @@ def run_stage(stage: str, parent_run_id: str, flow_run_id: str = "") -> dict[str
     client = mlflow.MlflowClient(tracking_uri())
     run = client.create_run(exp_id, tags={
         MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: stage, "forgeline.stage": stage,
-        "prefect.flow_run_id": flow_run_id, "git.commit": git_commit()})
+        "prefect.flow_run_id": flow_run_id, "git.commit": git_commit(), "forgeline.workspace": str(ROOT)})
     run_id = run.info.run_id
 
     saved = {k: os.environ.get(k) for k in ("FORGELINE_RUN_ID", "MLFLOW_TRACKING_URI", "PATH")}
@@ -108,10 +108,13 @@ def run_stage(stage: str, parent_run_id: str, flow_run_id: str = "") -> dict[str
             else:
                 os.environ[k] = v
     seconds = time.perf_counter() - t0
-    skipped = not any(s.addressing == stage for s in changed)
+    # DVC may also "run" a stage by restoring its outputs from its run cache (same deps and
+    # params as an earlier run): no code ran, so nothing logged params. That is a reuse too.
+    restored = not client.get_run(run_id).data.params
+    skipped = restored or not any(s.addressing == stage for s in changed)
 
     found = digests(stage)
-    tags = {"dvc.skipped": str(skipped).lower()}
+    tags = {"dvc.skipped": str(skipped).lower(), "dvc.restored_from_run_cache": str(restored).lower()}
     tags.update({f"dvc.dep.{p}": md5 for p, md5 in found["deps"].items()})
     tags.update({f"dvc.out.{p}": md5 for p, md5 in found["outs"].items()})
     if skipped:
@@ -175,12 +178,25 @@ def pipeline_run(name: str, stages: dict[str, type], overrides: dict[str, dict[s
         for stage, values in overrides.items():
             if values:
                 write_overrides(stage, values)
-        init_tracking()
+        close_orphaned_runs(init_tracking())
         with mlflow.start_run(run_name=name, tags={
-                "forgeline.pipeline": name, "prefect.flow_run_id": flow_run_id,
+                "forgeline.pipeline": name, "prefect.flow_run_id": flow_run_id, "forgeline.workspace": str(ROOT),
                 "git.commit": git_commit()}) as parent:
             mlflow.log_dict(overrides, "overrides.json")
             yield {"parent_run_id": parent.info.run_id, "flow_run_id": flow_run_id}
+
+
+def close_orphaned_runs(exp_id: str) -> int:
+    """Mark this workspace's pipeline and stage runs still RUNNING as KILLED: we hold the workspace
+    lock, so none of them is alive (their process died, e.g. SIGKILL, without ending its run)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    orphans = client.search_runs([exp_id], max_results=1000, filter_string=(
+        f"attributes.status = 'RUNNING' and tags.`forgeline.workspace` = '{ROOT}'"))
+    for r in orphans:
+        client.set_terminated(r.info.run_id, "KILLED")
+    return len(orphans)
 
 
 def push(remote: str | None = None) -> int:

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_pkgs=(tesseract-ocr tesseract-ocr-eng wordnet-base)  # wordnet-base: METEOR offline
+# wordnet-base: METEOR offline; chromium: the UI test; postgresql: the scale-out test
+apt_pkgs=(tesseract-ocr tesseract-ocr-eng wordnet-base chromium postgresql)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -24,3 +25,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt -c requirements-lock.txt
   echo "$want" > "$stamp"
 fi
+# the `forgeline` command (editable: it runs this checkout's code)
+[ -x .venv/bin/forgeline ] || .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .

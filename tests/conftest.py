@@ -20,6 +20,8 @@ def make_workspace(dst: Path) -> Path:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
                            capture_output=True, check=True).stdout.decode().split("\0")
     for rel in filter(None, files):
+        if rel == "dvc.lock" or rel.startswith("data/") and rel.endswith(".gitignore"):
+            continue  # state of the developer's own runs, not of the repo
         if (ROOT / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dst / rel)

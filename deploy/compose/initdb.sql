@@ -1,0 +1,3 @@
+-- one PostgreSQL for both servers, one database each
+CREATE DATABASE prefect;
+CREATE DATABASE mlflow;

@@ -1,0 +1,82 @@
+"""The `forgeline` command: run the local stack and audit lineage.
+
+    forgeline up [--paused-schedules] [--no-deploy]   # Prefect server + worker + MLflow server, then deploy
+    forgeline status [--json]                          # what runs where
+    forgeline env                                      # `eval $(forgeline env)`: point a shell at the stack
+    forgeline down                                     # stop exactly what `up` started
+    forgeline lineage models:/forgeline-llm@candidate [--json]   # or an MLflow run id
+
+Also `python -m forgeline ...`. Run from anywhere: the workspace is the repo this package lives in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from forgeline import stack
+
+
+def _use_stack_tracking() -> None:
+    """Point MLflow at the running stack's server unless MLFLOW_TRACKING_URI says otherwise."""
+    state = stack.load()
+    if not os.environ.get("MLFLOW_TRACKING_URI") and stack.alive(state.get("services", {}).get("mlflow-server")):
+        os.environ["MLFLOW_TRACKING_URI"] = state["mlflow_url"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forgeline", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="start the stack (idempotent) and deploy prefect.yaml")
+    p_up.add_argument("--paused-schedules", action="store_true", help="deploy with every cron schedule paused")
+    p_up.add_argument("--no-deploy", action="store_true", help="start the services only")
+    sub.add_parser("down", help="stop what `up` started")
+    p_status = sub.add_parser("status", help="services, pool, deployments, recent runs, models")
+    p_status.add_argument("--json", action="store_true")
+    sub.add_parser("env", help="print export lines for PREFECT_API_URL and MLFLOW_TRACKING_URI")
+    p_lin = sub.add_parser("lineage", help="verified chain from a model version or run back to raw inputs")
+    p_lin.add_argument("target", help="models:/<name>@<alias>, models:/<name>/<version> or an MLflow run id")
+    p_lin.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    # the stack is on loopback: its clients (Prefect's httpx, MLflow's requests) must not use a proxy
+    os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
+
+    if args.command == "up":
+        try:
+            state = stack.up(paused_schedules=args.paused_schedules, deploy_flows=not args.no_deploy)
+        except stack.StackError as e:
+            print(f"forgeline up: {e}\n(what did start is still running: `forgeline down` stops it)", file=sys.stderr)
+            return 1
+        print(f"Prefect UI  {state['prefect_ui_url']}\nMLflow      {state['mlflow_url']}")
+        print(stack.format_status(stack.status()))
+        return 0
+    if args.command == "down":
+        stopped = stack.down()
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        return 0
+    if args.command == "status":
+        st = stack.status()
+        print(json.dumps(st, indent=2) if args.json else stack.format_status(st))
+        return 0
+    if args.command == "env":
+        state = stack.load()
+        if not stack.alive(state.get("services", {}).get("prefect-server")):
+            print("forgeline env: the stack is not running (forgeline up)", file=sys.stderr)
+            return 1
+        for k, v in stack.client_env(state).items():
+            print(f"export {k}={v}")
+        return 0
+    if args.command == "lineage":
+        from forgeline.lineage import format_trace, trace
+
+        _use_stack_tracking()
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        result = trace(args.target)
+        print(json.dumps(result, indent=2, default=str) if args.json else format_trace(result))
+        return 0 if result["ok"] else 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
