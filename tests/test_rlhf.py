@@ -1,0 +1,144 @@
+"""RLHF: DPO's loss is log 2 at the reference, PPO's clip bounds the ratio, GAE, and both loops
+improve their metric on the tiny world (PPO: reward; DPO: held-out preference loss); PPO resumes exactly."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from forgeline.checkpoint import latest_checkpoint
+from tasks.chat_data import load_tokenizer, read_jsonl
+from tasks.pretrain import load_pretrained
+from tasks.reward import RewardConfig, encode_pairs, reward
+from tasks.rlhf import RLHFConfig, dpo_loss, gae, ppo_policy_loss, reply_batch, rlhf, sequence_logprobs
+from tasks.sft import sft
+from tests.test_sft import make_world, tiny_sft
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_dpo_loss_is_log2_when_policy_is_the_reference():
+    torch.manual_seed(0)
+    c, r = torch.randn(16) * 5, torch.randn(16) * 5
+    loss, margins = dpo_loss(c, r, c.clone(), r.clone(), beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2)) and (margins == 0).all()
+    # the chosen reply gaining probability relative to the reference lowers the loss
+    assert dpo_loss(c + 1, r, c, r, beta=0.1)[0].item() < math.log(2) < dpo_loss(c - 1, r, c, r, beta=0.1)[0].item()
+
+
+def test_ppo_clip_bounds_the_ratio():
+    eps = 0.2
+    mask = torch.ones(1, 6)
+    ratios = torch.tensor([[0.5, 0.79, 1.0, 1.1, 1.21, 3.0]])
+    for sign in (1.0, -1.0):
+        old = torch.zeros(1, 6)
+        logp = ratios.log().clone().requires_grad_(True)
+        adv = torch.full((1, 6), sign)
+        loss, clip_frac = ppo_policy_loss(logp, old, adv, mask, eps)
+        loss.backward()
+        grad = logp.grad[0]
+        assert clip_frac.item() == pytest.approx(4 / 6)  # 0.5, 0.79, 1.21 and 3.0 lie outside [0.8, 1.2]
+        if sign > 0:   # A > 0: no gain from pushing the ratio above 1 + eps
+            assert grad[4] == 0 and grad[5] == 0 and (grad[:4] != 0).all()
+        else:          # A < 0: no gain from pushing the ratio below 1 - eps
+            assert grad[0] == 0 and grad[1] == 0 and (grad[2:] != 0).all()
+    # the objective -loss can never exceed (1 + eps) A for A > 0, however large the ratio
+    huge = torch.tensor([[100.0]]).log()
+    loss, _ = ppo_policy_loss(huge, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), eps)
+    assert -loss.item() == pytest.approx(1 + eps)
+
+
+def test_gae_matches_the_recursion_over_reply_positions():
+    rewards = torch.tensor([[9.0, 0.1, 0.2, 1.0, 7.0]])   # positions 0 and 4 are outside the reply
+    values = torch.tensor([[5.0, 0.5, 0.4, 0.3, 6.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    a3 = 1.0 - 0.3
+    a2 = 0.2 + 0.9 * 0.3 - 0.4 + 0.9 * 0.8 * a3
+    a1 = 0.1 + 0.9 * 0.4 - 0.5 + 0.9 * 0.8 * a2
+    torch.testing.assert_close(adv, torch.tensor([[0.0, a1, a2, a3, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.0, a1 + 0.5, a2 + 0.4, a3 + 0.3, 0.0]]))
+    # gamma = lam = 1 and zero values: the advantage is the reward still to come
+    adv, _ = gae(rewards, torch.zeros(1, 5), mask, 1.0, 1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 1.3, 1.2, 1.0, 0.0]]))
+
+
+def test_reply_mask_marks_the_logits_that_chose_reply_tokens():
+    idx, mask = reply_batch([[7, 8, 9], [7]], [[1, 2], [3, 4, 5]], pad_id=0)
+    assert idx.tolist() == [[7, 8, 9, 1, 2], [7, 3, 4, 5, 0]]
+    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+
+
+# ----------------------------------------------------------------------------- the loops
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    w = make_world(root)
+    sft(tiny_sft(w, root, max_steps=150))
+    reward(RewardConfig(sft_dir=str(root / "sft"), data_dir=str(w["data"]), out_dir=str(root / "reward"),
+                        ckpt_dir=str(root / "rm_ckpt"), sampled_prompts=300, batch_size=32, max_steps=60,
+                        lr=2e-3, min_lr=2e-4, warmup_steps=5, eval_interval=60, ckpt_interval=60,
+                        log_interval=30, seed=0))
+    return {**w, "sft": root / "sft", "reward": root / "reward"}
+
+
+def tiny_rlhf(world: dict, tmp: Path, **kw) -> RLHFConfig:
+    base = dict(sft_dir=str(world["sft"]), reward_dir=str(world["reward"]), data_dir=str(world["data"]),
+                out_dir=str(tmp / "rlhf"), ckpt_dir=str(tmp / "ckpt"), max_steps=15, lr=1e-3, min_lr=1e-4,
+                warmup_steps=3, max_new_tokens=10, rollout_batch=32, minibatch_size=16, batch_size=32,
+                eval_interval=100, ckpt_interval=100, log_interval=5, seed=0)
+    base.update(kw)
+    return RLHFConfig(**base)
+
+
+def test_dpo_loss_is_log2_on_real_sequences(world):
+    tok = load_tokenizer(world["sft"] / "tokenizer.json")
+    model = load_pretrained(world["sft"])
+    pairs = encode_pairs(read_jsonl(world["data"] / "pref_val.jsonl")[:8], tok, model.config.block_size)
+    loss, _ = dpo_loss(*sequence_logprobs(model, pairs, tok), *sequence_logprobs(model, pairs, tok), beta=0.5)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_ppo_raises_the_reward_and_reports_kl_and_clipping(world, tmp_path):
+    logged = []
+    metrics = rlhf(tiny_rlhf(world, tmp_path, algorithm="ppo"), log=lambda step, m: logged.append(m))
+    # the quantity PPO maximises: the reward of replies sampled on (held-out) prompts
+    assert metrics["policy_sampled_reward"] > metrics["sft_sampled_reward"] + 0.3, metrics
+    assert metrics["kl_to_reference"] > 0
+    assert {"reward", "kl", "clip_fraction", "rollout_accuracy"} <= set(logged[-1])
+    for key in ("win_rate", "rm_win_rate", "policy_task_accuracy", "sft_task_accuracy", "wins", "losses", "ties"):
+        assert key in metrics
+    assert metrics["wins"] + metrics["losses"] + metrics["ties"] == metrics["held_out_prompts"]
+    assert load_pretrained(tmp_path / "rlhf").config.n_layer == 2
+
+
+def test_dpo_learns_the_held_out_preferences(world, tmp_path):
+    metrics = rlhf(tiny_rlhf(world, tmp_path, algorithm="dpo", max_steps=30, beta=0.1))
+    assert metrics["dpo_val_loss"] < math.log(2) - 0.1, metrics
+    assert metrics["dpo_val_reward_accuracy"] > 0.7
+
+
+def test_ppo_exact_resume_after_crash(world, tmp_path):
+    full = tiny_rlhf(world, tmp_path / "full", algorithm="ppo", max_steps=4, ckpt_interval=2, log_interval=1)
+    rlhf(full)
+    crashed = replace(full, out_dir=str(tmp_path / "crash" / "rlhf"), ckpt_dir=str(tmp_path / "crash" / "ckpt"))
+
+    def crash(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rlhf(crashed, log=crash)
+    assert latest_checkpoint(crashed.checkpoint_root()).name == "step_00000002"
+    rlhf(crashed)  # the sampling RNG, optimizer and value head come back with the weights
+    a = load_file(Path(full.out_dir) / "model.safetensors")
+    b = load_file(Path(crashed.out_dir) / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
