@@ -1,5 +1,6 @@
-"""The LLM pipeline: ingest → validate → chunk → tokenizer → pretrain → evaluate, one Prefect task per DVC stage,
-then the trained model is registered in MLflow (forgeline-llm@candidate).
+"""The LLM pipeline, one Prefect task per DVC stage: ingest → validate → chunk → tokenizer → pretrain → evaluate,
+then alignment: chat_data → sft → reward → rlhf (PPO or DPO, configs/rlhf.yaml). The aligned model is
+registered in MLflow (forgeline-llm@candidate) and the run's report card written.
 
 DVC decides what is stale; each stage is an MLflow child run under one parent run per pipeline run.
 
@@ -20,18 +21,23 @@ from pydantic import BaseModel, Field, ValidationError
 from forgeline.config import ConfigError, params_model, parse_overrides
 from forgeline.registry import register
 from forgeline.workspace import WorkspaceBusy, pipeline_run, push
+from tasks.chat_data import ChatDataConfig, chat_data_task
 from tasks.chunk import ChunkConfig, chunk_task
 from tasks.evaluate import EvaluateConfig, evaluate_task
 from tasks.ingest import IngestConfig, ingest_task
 from tasks.pretrain import PretrainConfig, pretrain_task
 from tasks.report import report_task
+from tasks.reward import RewardConfig, reward_task
+from tasks.rlhf import RLHFConfig, rlhf_task
+from tasks.sft import SFTConfig, sft_task
 from tasks.tokenizer import TokenizerConfig, tokenizer_task
 from tasks.validate import ValidateConfig, ValidationFailed, validate_task
 
 STAGES = {"ingest": IngestConfig, "validate": ValidateConfig, "chunk": ChunkConfig,
-          "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "evaluate": EvaluateConfig}
+          "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "evaluate": EvaluateConfig,
+          "chat_data": ChatDataConfig, "sft": SFTConfig, "reward": RewardConfig, "rlhf": RLHFConfig}
 (IngestOverrides, ValidateOverrides, ChunkOverrides, TokenizerOverrides, PretrainOverrides,
- EvaluateOverrides) = map(params_model, STAGES.values())
+ EvaluateOverrides, ChatDataOverrides, SFTOverrides, RewardOverrides, RLHFOverrides) = map(params_model, STAGES.values())
 
 
 class LLMParams(BaseModel):
@@ -43,6 +49,10 @@ class LLMParams(BaseModel):
     tokenizer: TokenizerOverrides = Field(default_factory=TokenizerOverrides)
     pretrain: PretrainOverrides = Field(default_factory=PretrainOverrides)
     evaluate: EvaluateOverrides = Field(default_factory=EvaluateOverrides)
+    chat_data: ChatDataOverrides = Field(default_factory=ChatDataOverrides)
+    sft: SFTOverrides = Field(default_factory=SFTOverrides)
+    reward: RewardOverrides = Field(default_factory=RewardOverrides)
+    rlhf: RLHFOverrides = Field(default_factory=RLHFOverrides)
     wait_s: float = Field(0.0, description="seconds to wait for another run to free the workspace")
     push: bool = Field(True, description="dvc push the outputs to the default remote at the end")
 
@@ -55,8 +65,8 @@ class LLMParams(BaseModel):
 
 @task(name="register", retries=2, retry_delay_seconds=5)
 def register_task(run: dict[str, str]) -> dict:
-    """The trained model (pretrain's model/ artifacts) as a version of forgeline-llm, alias candidate."""
-    return register("pretrain", run["parent_run_id"], run["flow_run_id"])
+    """The aligned model (the rlhf run's model/ artifacts) as a version of forgeline-llm, alias candidate."""
+    return register("rlhf", run["parent_run_id"], run["flow_run_id"])
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
@@ -74,6 +84,10 @@ def llm(params: LLMParams = LLMParams()) -> list[dict]:
             tokenizer_task(run),
             pretrain_task(run),
             evaluate_task(run),
+            chat_data_task(run),
+            sft_task(run),
+            reward_task(run),
+            rlhf_task(run),
         ]
         model = register_task(run)
         print(f"model: {model['uri']} ({'new version' if model['created'] else 'unchanged'}) from run {model['run_id']}")

@@ -1,11 +1,11 @@
 """Model registry: the trained model of a pipeline run becomes a version of `forgeline-llm`.
 
 The version's source is the training stage run's `model/` artifacts (safetensors weights, config,
-tokenizer; logged by tasks/pretrain.py). Its tags name where it came from, so `forgeline lineage
+tokenizer; logged by tasks/rlhf.py, the last training stage). Its tags name where it came from, so `forgeline lineage
 models:/forgeline-llm@candidate` can walk back from it: the Prefect flow run, the git commit, the
 MLflow run and the DVC md5 of the stage output the weights came from.
 
-    register("pretrain", parent_run_id, flow_run_id)   # the flow's last step
+    register("rlhf", parent_run_id, flow_run_id)   # the flow's last step
     model = load_model("models:/forgeline-llm@candidate")  # a GPT, no pickle involved
 """
 from __future__ import annotations

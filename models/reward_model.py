@@ -18,26 +18,7 @@ import math
 import torch
 import torch.nn as nn
 
-from models.gpt import GPT, GPTConfig, rope_angles, sincos_table
-
-
-def trunk(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """The final-norm hidden states of `gpt` for idx (B, T) -> (B, T, C): GPT.forward without the
-    LM head, positions from 0, no KV cache."""
-    T = idx.size(1)
-    pos = torch.arange(T, device=idx.device)
-    x = gpt.wte(idx)
-    rope = None
-    if gpt.config.pos_encoding == "learned":
-        x = x + gpt.wpe(pos)
-    elif gpt.config.pos_encoding == "sincos":
-        x = x * math.sqrt(gpt.config.n_embd) + sincos_table(pos, gpt.config.n_embd).to(x.dtype)
-    else:
-        rope = rope_angles(pos, gpt.config.head_dim, gpt.config.rope_theta)
-    x = gpt.drop(x)
-    for layer, block in enumerate(gpt.blocks):
-        x = block(x, rope, None, layer)
-    return gpt.ln_f(x)
+from models.gpt import GPT, GPTConfig
 
 
 class RewardModel(nn.Module):
@@ -56,7 +37,7 @@ class RewardModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """idx (B, T), last (B,) index of each row's final token -> scores (B,), fp32."""
-        h = trunk(self.gpt, idx)                                   # (B, T, C)
+        h = self.gpt.hidden(idx)                                   # (B, T, C)
         h_last = h[torch.arange(idx.size(0), device=idx.device), last]
         return self.head(h_last).squeeze(-1).float()
 
@@ -88,5 +69,5 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """idx (B, T) -> next-token logits (B, T, V) and values (B, T), fp32."""
-        h = trunk(self.gpt, idx)
+        h = self.gpt.hidden(idx)
         return self.gpt.lm_head(h).float(), self.value_head(h.detach()).squeeze(-1).float()

@@ -42,16 +42,17 @@ print(f"\nHeld-out verifiable prompts: {ppo['held_out_prompts']} (greedy replies
       + ", ".join(f"{r} {pct(rm['pairwise_accuracy.' + r])}" for r in ("wrong_answer", "off_topic", "truncated"))
       + f"), {seconds['reward']} s.\n")
 print("| model | task accuracy | " + " | ".join(tasks) + " | win rate vs SFT (ground truth) | W/L/T "
-      "| win rate vs SFT (reward model) | mean reward | KL to SFT | wall time |")
-print("|---" * (10 + len(tasks) - 1) + "|")
-base = {t: sft[f"base_task_accuracy.{t}"] for t in tasks}
-print(f"| base (pretrained) | {pct(sft['base_task_accuracy'])} | " + " | ".join(pct(base[t]) for t in tasks)
-      + " | | | | | | |")
+      "| win rate vs SFT (reward model) | reward, greedy | reward, sampled | KL to SFT | wall time |")
+print("|---" * (11 + len(tasks) - 1) + "|")
+print(f"| base (pretrained) | {pct(sft['base_task_accuracy'])} | "
+      + " | ".join(pct(sft[f'base_task_accuracy.{t}']) for t in tasks) + " | | | | | | | |")
 print(f"| SFT | {pct(ppo['sft_task_accuracy'])} | " + " | ".join(pct(ppo[f'sft_task_accuracy.{t}']) for t in tasks)
-      + f" | 50% (itself) | | | {ppo['sft_mean_reward']:.2f} | 0 | {seconds['sft']} s |")
+      + f" | | | | {ppo['sft_mean_reward']:.2f} | {ppo['sft_sampled_reward']:.2f} | 0 | {seconds['sft']} s |")
 for name, m in (("PPO", ppo), ("DPO", dpo)):
-    print(f"| {name} | {pct(m['policy_task_accuracy'])} | " + " | ".join(pct(m[f'policy_task_accuracy.{t}']) for t in tasks)
+    print(f"| {name} | {pct(m['policy_task_accuracy'])} | "
+          + " | ".join(pct(m[f'policy_task_accuracy.{t}']) for t in tasks)
           + f" | {pct(m['win_rate'])} | {m['wins']}/{m['losses']}/{m['ties']} | {pct(m['rm_win_rate'])}"
-          + f" | {m['policy_mean_reward']:.2f} | {m['kl_to_reference']:.3f} | {seconds[name.lower()]} s |")
+          + f" | {m['policy_mean_reward']:.2f} | {m['policy_sampled_reward']:.2f} | {m['kl_to_reference']:.3f}"
+          + f" | {seconds[name.lower()]} s |")
 EOF
 rm -f "$TIMES"

@@ -49,12 +49,12 @@ class RewardConfig:
     out_dir: str = "data/reward"          # the reward model folder + metrics.json
     ckpt_dir: str = "checkpoints/reward"
     margin: float = 1.0                   # the chosen score should lead the rejected one by this much
-    sampled_prompts: int = 4000           # train prompts whose sampled SFT reply, if wrong, makes a pair; 0 = none
-    sampled_fraction: float = 0.25        # share of each batch drawn from those pairs (they are ~4% of all)
+    sampled_prompts: int = 12000          # train prompts whose sampled SFT reply, if wrong, makes a pair; 0 = none
+    sampled_fraction: float = 0.5         # share of each batch drawn from those pairs (~10% of all pairs)
     max_new_tokens: int = 16              # sampled reply length cap
     # optimisation
     batch_size: int = 32                  # pairs per step (2x sequences)
-    max_steps: int = 400
+    max_steps: int = 1000
     lr: float = 5e-4
     min_lr: float = 5e-5
     warmup_steps: int = 20
@@ -63,8 +63,8 @@ class RewardConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     # bookkeeping
-    eval_interval: int = 100
-    ckpt_interval: int = 100
+    eval_interval: int = 250
+    ckpt_interval: int = 250
     keep_checkpoints: int = 2
     log_interval: int = 20
     seed: int = 1337

@@ -7,12 +7,16 @@ keep a frozen copy of it as the reference.
   and Ouyang et al. 2022, arXiv:2203.02155): each step samples replies to a batch of training
   prompts, scores each finished reply with the reward model, and gives every reply token the
   reward -kl_coef * (log pi - log pi_ref) (the KL penalty), plus the score on the last token.
-  A value head on the policy's trunk gives GAE advantages (Schulman et al. 2016,
-  arXiv:1506.02438); then ppo_epochs passes of minibatches minimise the clipped surrogate
-  max(-A r, -A clip(r, 1-eps, 1+eps)), r = pi / pi_old, plus a clipped value loss.
+  A value head on the policy's (detached) hidden states gives GAE advantages (Schulman et al.
+  2016, arXiv:1506.02438), whitened per batch; then ppo_epochs passes of minibatches minimise
+  the clipped surrogate max(-A r, -A clip(r, 1-eps, 1+eps)), r = pi / pi_old, plus a clipped
+  value loss. Logged per step: mean reward, KL, clip fraction, and the rollouts' ground-truth
+  accuracy.
 - DPO (Rafailov et al. 2023, arXiv:2305.18290): on (prompt, chosen, rejected) pairs, minimise
   -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))), sequence log-probs
-  summed over the reply tokens.
+  summed over the reply tokens. A batch mixes data/chat_data's rule-made pairs with the reward
+  stage's `sampled_mistake` pairs (the SFT model's own wrong replies; `sampled_fraction`).
+  nll_weight > 0 adds the chosen reply's NLL (RPO); 0 is plain DPO.
 
 Both end with the same held-out evaluation on the verifiable val prompts, greedy replies:
 exact-match accuracy of the policy and of the SFT model, the win rate of the policy against
@@ -62,9 +66,9 @@ class RLHFConfig:
     out_dir: str = "data/rlhf"            # the policy's model folder + metrics.json
     ckpt_dir: str = "checkpoints/rlhf"
     # optimisation, both algorithms
-    max_steps: int = 150                  # PPO: rollouts; DPO: batches of pairs
-    lr: float = 1e-4
-    min_lr: float = 1e-5
+    max_steps: int = 100                  # PPO: rollouts; DPO: batches of pairs
+    lr: float = 5e-5
+    min_lr: float = 5e-6
     warmup_steps: int = 10
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -76,7 +80,7 @@ class RLHFConfig:
     minibatch_size: int = 32              # rollouts per optimizer step
     ppo_epochs: int = 2                   # passes over each rollout batch
     temperature: float = 1.0              # sampling temperature of the rollouts
-    kl_coef: float = 0.05                 # per-token KL penalty weight
+    kl_coef: float = 0.1                  # per-token KL penalty weight
     clip_eps: float = 0.2                 # ratio clip of the surrogate objective
     value_lr: float = 3e-3                # peak learning rate of the value head (a linear probe: it must
                                           # learn each prompt's expected reward within a few rollouts)
@@ -92,6 +96,7 @@ class RLHFConfig:
                                           # pairs (the SFT model's own errors); 0 = rule-made pairs only
     batch_size: int = 32                  # pairs per step
     # bookkeeping
+    eval_samples: int = 4                 # replies sampled per held-out prompt for the sampled win rate
     eval_interval: int = 50               # steps between held-out accuracies
     ckpt_interval: int = 50
     keep_checkpoints: int = 2
@@ -100,7 +105,7 @@ class RLHFConfig:
 
     def check(self) -> None:
         for name in ("max_steps", "rollout_batch", "minibatch_size", "ppo_epochs", "batch_size",
-                     "eval_interval", "ckpt_interval", "log_interval", "max_new_tokens"):
+                     "eval_interval", "ckpt_interval", "log_interval", "max_new_tokens", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rlhf: {name} must be >= 1")
         if self.rollout_batch % self.minibatch_size:
@@ -111,7 +116,7 @@ class RLHFConfig:
 
     def checkpoint_root(self) -> Path:
         """ckpt_dir/<algorithm>-<key>: the key hashes the settings, the SFT and reward weights and the data."""
-        skip = {"out_dir", "ckpt_dir", "log_interval", "keep_checkpoints", "eval_interval"}
+        skip = {"out_dir", "ckpt_dir", "log_interval", "keep_checkpoints", "eval_interval", "eval_samples"}
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
         h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         for path in (Path(self.sft_dir) / "model.safetensors", Path(self.reward_dir) / "model.safetensors",
@@ -347,18 +352,38 @@ def evaluate_policy(policy: GPT, sft_model: GPT, ref: GPT, rm: RewardModel, tok,
                 "win_rate": (wins + (n - wins - losses) / 2) / n,
                 "decisive_win_rate": wins / (wins + losses) if wins + losses else 0.5,
                 "rm_win_rate": ((ps > ss).float().sum() + 0.5 * (ps == ss).float().sum()).item() / n})
-    # on replies sampled at temperature 1 (what PPO optimises): KL(policy || reference), the summed
-    # log-ratio, and the mean reward of the policy's and of the SFT model's samples
+    # on eval_samples replies per prompt sampled at temperature 1 (the distribution PPO optimises and
+    # DPO reshapes): each model's sampled accuracy, the paired win rate by the ground truth (the
+    # policy's j-th sample against the SFT model's j-th), the mean reward, and KL(policy || reference)
+    # as the summed log-ratio of the policy's samples
+    k = cfg.eval_samples
+    many = [p for p in prompts for _ in range(k)]
+    answers = [r["answer"] for r in rows for _ in range(k)]
+    sampled_correct = {}
     for name, model in (("policy", policy), ("sft", sft_model)):
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed + 1)
             sampled = [g if g else [end_id]
-                       for g in generate(model, prompts, cfg.max_new_tokens, end_id, temperature=1.0)]
-        scores = reward_scores(rm, prompts, sampled, end_id, pad_id, cfg.missing_end_penalty)
+                       for g in generate(model, many, cfg.max_new_tokens, end_id, temperature=1.0)]
+        scores = reward_scores(rm, many, sampled, end_id, pad_id, cfg.missing_end_penalty)
+        correct = torch.tensor([is_correct(decode_reply(tok, g)[0], a) for g, a in zip(sampled, answers)])
+        sampled_correct[name] = correct
         out[f"{name}_sampled_reward"] = scores.mean().item()
+        out[f"{name}_sampled_accuracy"] = correct.float().mean().item()
+        for t in VERIFIABLE:
+            sel = torch.tensor([r["source"] == t for r in rows for _ in range(k)])
+            if sel.any():
+                out[f"{name}_sampled_accuracy.{t}"] = correct[sel].float().mean().item()
         if name == "policy":
-            idx, mask = reply_batch(prompts, sampled, pad_id)
-            out["kl_to_reference"] = ((gpt_logprobs(policy, idx) - gpt_logprobs(ref, idx)) * mask).sum(1).mean().item()
+            kls = []
+            for b in range(0, len(many), 256):
+                idx, mask = reply_batch(many[b:b + 256], sampled[b:b + 256], pad_id)
+                kls.append(((gpt_logprobs(policy, idx) - gpt_logprobs(ref, idx)) * mask).sum(1))
+            out["kl_to_reference"] = torch.cat(kls).mean().item()
+    pc_s, sc_s = sampled_correct["policy"], sampled_correct["sft"]
+    s_wins, s_losses, m = int((pc_s & ~sc_s).sum()), int((~pc_s & sc_s).sum()), len(many)
+    out.update({"sampled_wins": s_wins, "sampled_losses": s_losses, "sampled_ties": m - s_wins - s_losses,
+                "sampled_win_rate": (s_wins + (m - s_wins - s_losses) / 2) / m})
     samples = [{"task": r["source"], "prompt": r["messages"][-2]["content"], "answer": r["answer"],
                 "policy": pt[i], "policy_correct": bool(pc[i]), "policy_reward": float(ps[i]),
                 "sft": st[i], "sft_correct": bool(sc[i]), "sft_reward": float(ss[i])} for i, r in enumerate(rows)]
@@ -504,8 +529,10 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.set_tag("rlhf.algorithm", cfg.algorithm)
         metrics = rlhf(cfg, log=lambda step, m: mlflow.log_metrics(m, step=step))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "algorithm"})
-        for name in ("metrics.json", "samples.json"):
-            mlflow.log_artifact(str(Path(cfg.out_dir) / name))
+        out = Path(cfg.out_dir)
+        mlflow.log_artifact(str(out / "samples.json"))
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.json"):
+            mlflow.log_artifact(str(out / name), artifact_path="model")  # what the registry versions
     print(f"rlhf ({cfg.algorithm}): held-out accuracy {metrics['sft_task_accuracy']:.3f} (SFT) -> "
           f"{metrics['policy_task_accuracy']:.3f}; win rate vs SFT {metrics['win_rate']:.3f} by ground truth "
           f"({metrics['wins']} wins, {metrics['losses']} losses, {metrics['ties']} ties), "

@@ -27,7 +27,6 @@ from forgeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, 
 from forgeline.config import ConfigError, config_dict, load_config
 from forgeline.workspace import run_stage
 from models.gpt import GPT, linear_cross_entropy
-from models.reward_model import trunk
 from tasks.chat_data import PAD, decode_reply, encode_chat, is_correct, load_tokenizer, read_jsonl
 from tasks.pretrain import lr_at
 
@@ -40,7 +39,7 @@ class SFTConfig:
     ckpt_dir: str = "checkpoints/sft"     # resumable state, outside the DVC outs
     # optimisation
     batch_size: int = 32                  # conversations per step
-    max_steps: int = 800
+    max_steps: int = 2500
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 20
@@ -49,8 +48,8 @@ class SFTConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0                # max global grad norm; 0 = off
     # bookkeeping
-    eval_interval: int = 100              # steps between held-out losses
-    ckpt_interval: int = 100
+    eval_interval: int = 250              # steps between held-out losses
+    ckpt_interval: int = 250
     keep_checkpoints: int = 2
     log_interval: int = 10
     max_new_tokens: int = 16              # greedy reply length cap when scoring the verifiable tasks
@@ -120,7 +119,7 @@ def assistant_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     """model(x, y)'s loss (mean cross-entropy over targets that are not -100), with the LM head run
     on those positions alone: assistant tokens are ~1/5 of a chat batch, the head ~1/3 of the FLOPs."""
     keep = y != -100
-    return linear_cross_entropy(trunk(model, x)[keep], model.lm_head.weight, y[keep])
+    return linear_cross_entropy(model.hidden(x)[keep], model.lm_head.weight, y[keep])
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -11,6 +11,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the alignment stages in the pipeline tests: a few steps each on a small chat dataset (the demo
+# and scripts/alignment_demo.sh train them as configs/ say; tests/test_{sft,reward,rlhf}.py measure gains)
+ALIGNMENT_FAST = {
+    "chat_data": {"train_per_task": 40, "val_per_task": 6},
+    "sft": {"max_steps": 4, "batch_size": 8, "eval_interval": 2, "ckpt_interval": 2, "log_interval": 2},
+    "reward": {"max_steps": 4, "batch_size": 8, "sampled_prompts": 16, "eval_interval": 2, "ckpt_interval": 2,
+               "log_interval": 2},
+    "rlhf": {"max_steps": 2, "rollout_batch": 8, "minibatch_size": 8, "ppo_epochs": 1, "eval_interval": 1,
+             "ckpt_interval": 1, "log_interval": 1, "eval_samples": 1},
+}
+
+
+def cli_overrides(settings: dict[str, dict]) -> list[str]:
+    """{stage: {key: value}} -> ['stage.key=value', ...] for `python -m flows.llm`."""
+    return [f"{stage}.{k}={v}" for stage, kv in settings.items() for k, v in kv.items()]
+
 
 def make_workspace(dst: Path) -> Path:
     """Copy the repo's tracked and unignored files to `dst` and commit them there.

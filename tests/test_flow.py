@@ -14,15 +14,15 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import run_in, workspace_env
+from tests.conftest import ALIGNMENT_FAST, cli_overrides, run_in, workspace_env
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["ingest", "validate", "chunk", "tokenizer", "pretrain", "evaluate"]
+STAGES = ["ingest", "validate", "chunk", "tokenizer", "pretrain", "evaluate", "chat_data", "sft", "reward", "rlhf"]
 # keep the pretraining in the smoke test short; the demo trains the full tiny preset
 FAST = ["pretrain.max_steps=12", "pretrain.eval_interval=6", "pretrain.ckpt_interval=6",
         "pretrain.log_interval=6", "pretrain.batch_size=8", "evaluate.max_eval_tokens=20000",
-        "evaluate.n_samples=2", "evaluate.max_new_tokens=8"]
+        "evaluate.n_samples=2", "evaluate.max_new_tokens=8", *cli_overrides(ALIGNMENT_FAST)]
 
 
 def stage_lines(out: str) -> dict[str, str]:
@@ -99,6 +99,19 @@ def test_lineage_in_mlflow(first_run):
     assert children["chunk"].data.tags["lineage.upstream.validate"] == ids["validate"]
     assert children["evaluate"].data.tags["lineage.upstream.pretrain"] == ids["pretrain"]
     assert "lineage.upstream.ingest" not in children["ingest"].data.tags
+    # alignment: SFT from the base model, the reward model from SFT, RLHF from both
+    assert children["sft"].data.tags["lineage.upstream.pretrain"] == ids["pretrain"]
+    assert children["sft"].data.tags["lineage.upstream.chat_data"] == ids["chat_data"]
+    assert children["reward"].data.tags["lineage.upstream.sft"] == ids["sft"]
+    assert children["rlhf"].data.tags["lineage.upstream.sft"] == ids["sft"]
+    assert children["rlhf"].data.tags["lineage.upstream.reward"] == ids["reward"]
+    assert children["rlhf"].data.params["algorithm"] == "ppo"
+    assert {"win_rate", "kl_to_reference", "sampled_win_rate"} <= set(children["rlhf"].data.metrics)
+    # the registered model is the aligned one: the rlhf run's model/ artifacts
+    version = client.get_model_version_by_alias("forgeline-llm", "candidate")
+    assert version.run_id == ids["rlhf"] and version.tags["forgeline.stage"] == "rlhf"
+    assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json"} <= {
+        a.path for a in client.list_artifacts(ids["rlhf"], "model")}
     assert children["chunk"].data.params["splitter"]
     assert "pretrain.loss" not in children["pretrain"].data.metrics
     assert children["pretrain"].data.metrics["val_loss"] > 0
@@ -129,8 +142,10 @@ def test_changing_a_chunk_parameter_reruns_from_chunk(first_run):
     lines = stage_lines(proc.stdout)
     assert lines["ingest"] == lines["validate"] == "skipped"
     assert lines["chunk"] == lines["tokenizer"] == "ran"
-    # pretrain/evaluate depend on the tokenizer's outputs, which changed with the chunks
-    assert lines["pretrain"] == lines["evaluate"] == "ran"
+    # pretrain/evaluate depend on the tokenizer's outputs, which changed with the chunks, and so
+    # does everything trained from the base model; the chat data does not
+    assert lines["pretrain"] == lines["evaluate"] == lines["sft"] == lines["reward"] == lines["rlhf"] == "ran"
+    assert lines["chat_data"] == "skipped"
 
 
 def test_unknown_config_key_fails_before_any_work(first_run):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from forgeline.checkpoint import latest_checkpoint
 from models.gpt import GPT, GPTConfig
-from models.reward_model import RewardModel, pairwise_margin_loss, trunk
+from models.reward_model import RewardModel, pairwise_margin_loss
 from tasks.chat_data import is_correct, read_jsonl
 from tasks.reward import RewardConfig, load_reward_model, mixed_batch, reward
 from tasks.sft import batch_indices, sft
@@ -39,11 +39,11 @@ def test_margin_loss_at_and_around_the_margin():
 
 
 @pytest.mark.parametrize("pos", ["rope", "sincos", "learned"])
-def test_trunk_is_the_gpt_without_its_head(pos):
+def test_hidden_is_the_gpt_without_its_head(pos):
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, pos_encoding=pos)).eval()
     idx = torch.randint(64, (3, 12))
-    torch.testing.assert_close(gpt.lm_head(trunk(gpt, idx)), gpt(idx)[0])
+    torch.testing.assert_close(gpt.lm_head(gpt.hidden(idx)), gpt(idx)[0])
 
 
 def test_score_is_read_at_last_token_and_ignores_right_padding():

@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import make_workspace, run_in, workspace_env
+from tests.conftest import ALIGNMENT_FAST, make_workspace, run_in, workspace_env
 
 pytestmark = pytest.mark.slow
 
 # a short pretraining, a short evaluation; every other stage setting stays as configs/ say
 FAST = {"pretrain": {"max_steps": 6, "eval_interval": 3, "ckpt_interval": 3, "log_interval": 3, "batch_size": 8},
-        "evaluate": {"max_eval_tokens": 20000, "n_samples": 2, "max_new_tokens": 8}}
+        "evaluate": {"max_eval_tokens": 20000, "n_samples": 2, "max_new_tokens": 8}, **ALIGNMENT_FAST}
 DEPLOYMENT = "llm/nightly"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -223,10 +223,11 @@ def test_model_registered_with_lineage_tags(stack):
     first = stack.wait(stack.runs["first"], timeout=900)
     client = stack.mlflow()
     (version,) = client.search_model_versions(f"name='forgeline-llm' and tags.`prefect.flow_run_id` = '{first.id}'")
-    assert version.tags["git.commit"] != "unknown" and version.tags["forgeline.stage"] == "pretrain"
+    assert version.tags["git.commit"] != "unknown" and version.tags["forgeline.stage"] == "rlhf"
     run = client.get_run(version.run_id)
-    assert run.data.tags["forgeline.stage"] == "pretrain" and run.data.tags["prefect.flow_run_id"] == str(first.id)
-    assert version.tags["dvc.out.data/pretrain"] == run.data.tags["dvc.out.data/pretrain"]
+    assert run.data.tags["forgeline.stage"] == "rlhf" and run.data.tags["prefect.flow_run_id"] == str(first.id)
+    assert version.tags["dvc.out.data/rlhf"] == run.data.tags["dvc.out.data/rlhf"]
+    assert version.tags["lineage.upstream.sft"] == run.data.tags["lineage.upstream.sft"]
     # the second run reused the model: same version, alias still on it
     second = stack.wait(stack.runs["second"], timeout=300)
     assert not client.search_model_versions(f"name='forgeline-llm' and tags.`prefect.flow_run_id` = '{second.id}'")

@@ -99,8 +99,11 @@ def test_retrain_from_the_ui(stack, browser):
     client = stack.mlflow()
     (version,) = client.search_model_versions(f"name='forgeline-llm' and tags.`prefect.flow_run_id` = '{run_id}'")
     assert client.get_model_version_by_alias("forgeline-llm", "candidate").version == version.version
-    train = client.get_run(version.run_id)
+    aligned = client.get_run(version.run_id)  # the rlhf run; its lineage leads to the pretraining the form changed
+    assert aligned.data.tags["prefect.flow_run_id"] == run_id and version.tags["forgeline.stage"] == "rlhf"
+    assert version.tags["git.commit"] == aligned.data.tags["git.commit"]
+    assert version.tags["dvc.out.data/rlhf"] == aligned.data.tags["dvc.out.data/rlhf"]
+    sft = client.get_run(aligned.data.tags["lineage.upstream.sft"])
+    train = client.get_run(sft.data.tags["lineage.upstream.pretrain"])
     assert train.data.tags["prefect.flow_run_id"] == run_id and train.data.params["max_steps"] == str(MAX_STEPS)
-    assert version.tags["git.commit"] == train.data.tags["git.commit"]
-    assert version.tags["dvc.out.data/pretrain"] == train.data.tags["dvc.out.data/pretrain"]
     assert (ARTIFACTS / "ui-custom-run-form.png").stat().st_size > 10_000
