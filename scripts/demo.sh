@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up, then run the LLM pipeline on the embedded default sample (data/raw):
-# Prefect without a server, MLflow in ./mlflow.db, DVC remote in ./.dvcstore.
+# Prefect without a server, MLflow in ./mlflow.db, DVC remote in ./.dvcstore. Then the alignment
+# comparison (the other RLHF algorithm from the same SFT and reward models, and the table).
 #   bash scripts/demo.sh [stage.key=value ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec .venv/bin/python -m flows.llm "$@"
+.venv/bin/python -m flows.llm "$@"
+bash scripts/alignment_demo.sh

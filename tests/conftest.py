@@ -33,9 +33,13 @@ def make_workspace(dst: Path) -> Path:
 
     Pipelines write dvc.lock, data/, mlflow.db and configs: never into the developer's tree.
     """
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
+    def ls(*flags: str) -> list[str]:
+        out = subprocess.run(["git", "ls-files", *flags, "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        return list(filter(None, out.decode().split("\0")))
+
+    # tracked files, and new files not yet committed, less the outputs of the developer's own runs
+    files = ls("-c") + [rel for rel in ls("-o", "--exclude-standard") if not rel.startswith("data/")]
+    for rel in files:
         if rel == "dvc.lock" or rel.startswith("data/") and rel.endswith(".gitignore"):
             continue  # state of the developer's own runs, not of the repo
         if (ROOT / rel).is_file():
