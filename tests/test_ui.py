@@ -50,9 +50,10 @@ def browser(tmp_path):
             context.close()
 
 
-def form_field(page, label: str):
-    """The schema-form property whose label is `label` (innermost, e.g. 'Max Steps (Optional)')."""
-    name = page.locator(".schema-form-property__label", has_text=re.compile(f"^{re.escape(label)}$"))
+def form_field(scope, label: str):
+    """The schema-form property within `scope` (the page or a section) whose label is `label`, with
+    or without ' (Optional)' (innermost, e.g. 'Max Steps')."""
+    name = scope.locator(".schema-form-property__label", has_text=re.compile(f"^{re.escape(label)}( \\(Optional\\))?$"))
     return name.locator("xpath=ancestor::div[contains(concat(' ', @class, ' '), ' schema-form-property ')][1]")
 
 
@@ -63,7 +64,7 @@ def start_custom_run(page, ui_url: str, deployment_id: str, max_steps: int, shot
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run", exact=True).click()
     page.wait_for_url("**/run?**")
-    field = form_field(page, "Max Steps (Optional)")
+    field = form_field(form_field(page, "Pretrain"), "Max Steps")  # sft, reward and rlhf have one too
     field.get_by_role("button", name="int", exact=True).click()
     field.locator("input").fill(str(max_steps))
     field.scroll_into_view_if_needed()
