@@ -39,7 +39,7 @@ class SFTConfig:
     ckpt_dir: str = "checkpoints/sft"     # resumable state, outside the DVC outs
     # optimisation
     batch_size: int = 32                  # conversations per step
-    max_steps: int = 2500
+    max_steps: int = 1000
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 20

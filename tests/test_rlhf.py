@@ -14,7 +14,8 @@ from forgeline.checkpoint import latest_checkpoint
 from tasks.chat_data import load_tokenizer, read_jsonl
 from tasks.pretrain import load_pretrained
 from tasks.reward import RewardConfig, encode_pairs, reward
-from tasks.rlhf import RLHFConfig, dpo_loss, gae, ppo_policy_loss, reply_batch, rlhf, sequence_logprobs
+from tasks.rlhf import (RLHFConfig, centre_by_prompt, dpo_loss, gae, ppo_policy_loss, reply_batch, rlhf,
+                        sequence_logprobs)
 from tasks.sft import sft
 from tests.test_sft import make_world, tiny_sft
 
@@ -29,6 +30,17 @@ def test_dpo_loss_is_log2_when_policy_is_the_reference():
     assert loss.item() == pytest.approx(math.log(2)) and (margins == 0).all()
     # the chosen reply gaining probability relative to the reference lowers the loss
     assert dpo_loss(c + 1, r, c, r, beta=0.1)[0].item() < math.log(2) < dpo_loss(c - 1, r, c, r, beta=0.1)[0].item()
+
+
+def test_scores_count_relative_to_the_prompts_other_replies():
+    scores = torch.tensor([1.0, 3.0, 5.0, 7.0, -2.0, -2.0])  # replies 0-1: prompt A, 2-3: B, 4-5: C
+    centred = centre_by_prompt(scores, 2)
+    assert centred.tolist() == [-1.0, 1.0, -1.0, 1.0, 0.0, 0.0]
+    # a prompt-wide shift of the reward model's scores changes nothing; one reply's change does
+    shifted = scores + torch.tensor([10.0, 10.0, -4.0, -4.0, 0.0, 0.0])
+    assert torch.equal(centre_by_prompt(shifted, 2), centred)
+    assert not torch.equal(centre_by_prompt(scores + torch.tensor([1.0, 0, 0, 0, 0, 0]), 2), centred)
+    assert torch.equal(centre_by_prompt(scores, 1), scores)
 
 
 def test_ppo_clip_bounds_the_ratio():
@@ -119,10 +131,14 @@ def test_ppo_raises_the_reward_and_reports_kl_and_clipping(world, tmp_path):
     assert load_pretrained(tmp_path / "rlhf").config.n_layer == 2
 
 
-def test_dpo_learns_the_held_out_preferences(world, tmp_path):
-    metrics = rlhf(tiny_rlhf(world, tmp_path, algorithm="dpo", max_steps=30, beta=0.1))
-    assert metrics["dpo_val_loss"] < math.log(2) - 0.1, metrics
-    assert metrics["dpo_val_reward_accuracy"] > 0.7
+@pytest.mark.parametrize("mix", [dict(nll_weight=0.0, sampled_fraction=0.5), dict(nll_weight=1.0, sampled_fraction=1.0)],
+                         ids=["plain-dpo-mixed-pairs", "rpo-own-mistakes"])
+def test_dpo_learns_the_held_out_preferences(world, tmp_path, mix):
+    metrics = rlhf(tiny_rlhf(world, tmp_path, algorithm="dpo", max_steps=30, beta=0.1, **mix))
+    dpo = {k: v for k, v in metrics.items() if k.startswith("dpo_")}
+    assert dpo["dpo_val_loss"] < math.log(2) - 0.05, dpo   # log 2 at the start
+    assert dpo["dpo_val_reward_accuracy"] > 0.7, dpo      # 0 at the start (all margins 0)
+    assert ("dpo_val_loss.rule" in metrics) == (mix["sampled_fraction"] < 1) and "dpo_val_loss.sampled" in metrics
 
 
 def test_ppo_exact_resume_after_crash(world, tmp_path):
