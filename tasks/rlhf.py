@@ -15,7 +15,9 @@ keep a frozen copy of it as the reference.
   2016, arXiv:1506.02438), whitened per batch; then ppo_epochs passes of minibatches minimise
   the clipped surrogate max(-A r, -A clip(r, 1-eps, 1+eps)), r = pi / pi_old, plus a clipped
   value loss. Logged per step: mean reward, KL, clip fraction, and the rollouts' ground-truth
-  accuracy.
+  accuracy. ptx_coef > 0 adds the SFT loss on a batch of SFT conversations to every update
+  (InstructGPT's PPO-ptx, with the SFT mix standing in for the pretraining data): without it PPO
+  ran up the reward model's score while held-out accuracy fell (README, Alignment).
 - DPO (Rafailov et al. 2023, arXiv:2305.18290): on (prompt, chosen, rejected) pairs, minimise
   -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))), sequence log-probs
   summed over the reply tokens. A batch mixes data/chat_data's rule-made pairs with the reward
@@ -24,6 +26,10 @@ keep a frozen copy of it as the reference.
   plain DPO. The defaults (own mistakes only, nll_weight 1) are what raised held-out accuracy
   here; plain DPO on the rule-made pairs learned the preferences (80% held-out margin accuracy)
   while its greedy accuracy fell (README, Alignment).
+
+rl_coef scales PPO's surrogate (with its KL penalty) or the DPO loss; rl_coef=0 leaves only the
+SFT term (ptx_coef, nll_weight) on the same batches and schedule: the control that tells how much
+of a gain the reward model or the preferences bring, and how much the extra supervised steps.
 
 Both end with the same held-out evaluation on the verifiable val prompts, greedy replies:
 exact-match accuracy of the policy and of the SFT model, the win rate of the policy against
@@ -63,7 +69,7 @@ from models.reward_model import PolicyWithValue, RewardModel
 from tasks.chat_data import END, PAD, VERIFIABLE, decode_reply, encode_chat, is_correct, load_tokenizer, read_jsonl
 from tasks.pretrain import lr_at
 from tasks.reward import collate_sequences, encode_pairs, load_reward_model, mixed_batch
-from tasks.sft import batch_indices, file_sha256, generate, prompt_ids
+from tasks.sft import assistant_loss, batch_indices, collate, encode_conversations, file_sha256, generate, prompt_ids
 
 
 @dataclass
@@ -75,8 +81,8 @@ class RLHFConfig:
     out_dir: str = "data/rlhf"            # the policy's model folder + metrics.json
     ckpt_dir: str = "checkpoints/rlhf"
     # optimisation, both algorithms
-    max_steps: int = 100                  # PPO: rollouts; DPO: batches of pairs
-    lr: float = 5e-5
+    max_steps: int = 200                  # PPO: rollouts; DPO: batches of pairs
+    lr: float = 2e-4
     min_lr: float = 5e-6
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -84,6 +90,9 @@ class RLHFConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     max_new_tokens: int = 16              # reply length cap, sampling and evaluation
+    rl_coef: float = 1.0                  # weight of PPO's surrogate (KL penalty included) / of the DPO loss;
+                                          # 0 keeps only ptx_coef's / nll_weight's SFT term: the control run
+                                          # that tells what the reward model / the preferences add
     # PPO
     rollout_batch: int = 64               # replies sampled per step
     replies_per_prompt: int = 4           # rollout_batch / this prompts per step, each answered this often;
@@ -91,7 +100,7 @@ class RLHFConfig:
     minibatch_size: int = 32              # rollouts per optimizer step
     ppo_epochs: int = 2                   # passes over each rollout batch
     temperature: float = 1.0              # sampling temperature of the rollouts
-    kl_coef: float = 0.1                  # per-token KL penalty weight
+    kl_coef: float = 0.2                  # per-token KL penalty weight
     clip_eps: float = 0.2                 # ratio clip of the surrogate objective
     value_lr: float = 3e-3                # peak learning rate of the value head (a linear probe: it must
                                           # learn each prompt's expected reward within a few rollouts)
@@ -100,6 +109,8 @@ class RLHFConfig:
     gamma: float = 1.0
     gae_lambda: float = 0.95
     missing_end_penalty: float = 1.0      # subtracted from the score of a reply with no <|end|>
+    ptx_coef: float = 1.0                 # + this * the SFT loss on a batch of SFT conversations in every
+                                          # update (InstructGPT's PPO-ptx, SFT data for the pretraining mix)
     # DPO
     beta: float = 0.1                     # strength of the implicit KL constraint
     nll_weight: float = 1.0               # + this * NLL per token of the chosen reply (RPO; 0 = plain DPO)
@@ -123,8 +134,13 @@ class RLHFConfig:
         if self.rollout_batch % self.minibatch_size or self.rollout_batch % self.replies_per_prompt:
             raise ConfigError("rlhf: rollout_batch must be a multiple of minibatch_size and of replies_per_prompt")
         if not 0 <= self.min_lr <= self.lr or min(self.value_lr, self.beta, self.temperature) <= 0 \
-                or not 0 < self.clip_eps < 1 or not 0 <= self.sampled_fraction <= 1:
-            raise ConfigError("rlhf: need 0 <= min_lr <= lr, value_lr, beta, temperature > 0, 0 < clip_eps < 1")
+                or not 0 < self.clip_eps < 1 or not 0 <= self.sampled_fraction <= 1 \
+                or min(self.ptx_coef, self.rl_coef) < 0:
+            raise ConfigError("rlhf: need 0 <= min_lr <= lr, value_lr, beta, temperature > 0, 0 < clip_eps < 1, "
+                              "0 <= sampled_fraction <= 1, ptx_coef, rl_coef >= 0")
+        if self.rl_coef == 0 and (self.ptx_coef if self.algorithm == "ppo" else self.nll_weight) == 0:
+            raise ConfigError(f"rlhf: rl_coef 0 with {'ptx_coef' if self.algorithm == 'ppo' else 'nll_weight'} 0 "
+                              "would train nothing")
 
     def checkpoint_root(self) -> Path:
         """ckpt_dir/<algorithm>-<key>: the key hashes the settings, the SFT and reward weights and the data."""
@@ -235,8 +251,9 @@ def reward_scores(rm: RewardModel, prompts: list[list[int]], replies: list[list[
 
 
 def ppo_step(ac: PolicyWithValue, ref: GPT, rm: RewardModel, optimizer, prompts: list[list[int]],
-             rows: list[dict], tok, cfg: RLHFConfig) -> dict:
-    """One rollout batch: sample, score, advantages, then ppo_epochs of clipped updates. Returns metrics."""
+             rows: list[dict], tok, cfg: RLHFConfig, ptx_batches=None) -> dict:
+    """One rollout batch: sample, score, advantages, then ppo_epochs of clipped updates. Returns metrics.
+    ptx_batches: an iterator of (x, y) SFT batches, one per update (with cfg.ptx_coef > 0)."""
     end_id, pad_id = tok.token_to_id(END), tok.token_to_id(PAD)
     # ---- rollout: sample replies, score them, and fix the old log-probs, reference log-probs, values
     replies = generate(ac.gpt, prompts, cfg.max_new_tokens, end_id, temperature=cfg.temperature)
@@ -261,7 +278,7 @@ def ppo_step(ac: PolicyWithValue, ref: GPT, rm: RewardModel, optimizer, prompts:
     adv = (adv - mu) / (sigma + 1e-8) * mask               # whitened over the batch's reply tokens
 
     # ---- updates: ppo_epochs passes of minibatches, the minibatch order seeded by torch's RNG
-    stats = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "grad_norm": []}
+    stats = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "grad_norm": [], "ptx_loss": []}
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(len(prompts)).split(cfg.minibatch_size):
             logits, new_values = ac(idx[mb])
@@ -271,7 +288,11 @@ def ppo_step(ac: PolicyWithValue, ref: GPT, rm: RewardModel, optimizer, prompts:
             v = new_values[:, :-1]
             v_clipped = values[mb] + (v - values[mb]).clamp(-cfg.value_clip, cfg.value_clip)
             vf_loss = 0.5 * masked_mean(torch.maximum((v - returns[mb]) ** 2, (v_clipped - returns[mb]) ** 2), m)
-            loss = pg_loss + cfg.vf_coef * vf_loss
+            loss = cfg.rl_coef * pg_loss + cfg.vf_coef * vf_loss
+            ptx_loss = torch.zeros(())
+            if cfg.ptx_coef:
+                ptx_loss = assistant_loss(ac.gpt, *next(ptx_batches))
+                loss = loss + cfg.ptx_coef * ptx_loss
             loss.backward()
             # the policy's norm alone: the value head's gradient (squared reward units) must not scale it
             grad_norm = torch.nn.utils.clip_grad_norm_(ac.gpt.parameters(),
@@ -281,7 +302,7 @@ def ppo_step(ac: PolicyWithValue, ref: GPT, rm: RewardModel, optimizer, prompts:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for k, val in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_frac),
-                           ("grad_norm", grad_norm)):
+                           ("grad_norm", grad_norm), ("ptx_loss", ptx_loss)):
                 stats[k].append(val.detach().item())
 
     texts = [decode_reply(tok, r)[0] for r in replies]
@@ -313,6 +334,7 @@ def dpo_step(policy: GPT, ref: GPT, optimizer, pairs: list, tok, cfg: RLHFConfig
         ref_c, ref_r = sequence_logprobs(ref, pairs, tok)
     pol_c, pol_r = sequence_logprobs(policy, pairs, tok)
     loss, margins = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta)
+    loss = cfg.rl_coef * loss
     if cfg.nll_weight:
         # Pang et al. 2024 (arXiv:2404.19733): DPO alone may lower the chosen reply's likelihood too
         reply_tokens = torch.tensor([len(p[0]) - len(encode_chat(tok, p[2]["prompt"], add_generation_prompt=True)[0])
@@ -449,6 +471,9 @@ def rlhf(cfg: RLHFConfig, log=None) -> dict:
     if cfg.algorithm == "ppo":
         train_rows = [r for r in read_jsonl(Path(cfg.data_dir) / "sft_train.jsonl") if r["answer"] is not None]
         train_prompts = [prompt_ids(tok, r) for r in train_rows]
+        if cfg.ptx_coef:
+            conversations = encode_conversations(read_jsonl(Path(cfg.data_dir) / "sft_train.jsonl"), tok,
+                                                 policy.config.block_size)[0]
     else:
         rule_pairs, sampled_pairs = (encode_pairs(rows, tok, policy.config.block_size)
                                      for rows in dpo_rows(cfg, "train"))
@@ -483,8 +508,12 @@ def rlhf(cfg: RLHFConfig, log=None) -> dict:
             k = cfg.replies_per_prompt
             rows = [i for i in batch_indices(len(train_prompts), cfg.rollout_batch // k, cfg.seed, step)
                     for _ in range(k)]
+            updates = cfg.ppo_epochs * cfg.rollout_batch // cfg.minibatch_size
+            ptx = (collate([conversations[i] for i in batch_indices(len(conversations), cfg.minibatch_size,
+                                                                    cfg.seed, step * updates + j)],
+                           tok.token_to_id(PAD)) for j in range(updates)) if cfg.ptx_coef else None
             metrics = ppo_step(model, ref, rm, optimizer, [train_prompts[i] for i in rows],
-                               [train_rows[i] for i in rows], tok, cfg)
+                               [train_rows[i] for i in rows], tok, cfg, ptx)
         else:
             batch = mixed_batch(rule_pairs, sampled_pairs, cfg.batch_size, cfg.sampled_fraction, cfg.seed, step)
             metrics = dpo_step(policy, ref, optimizer, batch, tok, cfg)
@@ -557,6 +586,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(RLHFConfig, "rlhf", sys.argv[1:] if argv is None else argv)
     with stage_run("rlhf", config_dict(cfg)):
         mlflow.set_tag("rlhf.algorithm", cfg.algorithm)
+        mlflow.set_tag("rlhf.control", str(cfg.rl_coef == 0).lower())   # true: the SFT term alone
         metrics = rlhf(cfg, log=lambda step, m: mlflow.log_metrics(m, step=step))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "algorithm"})
         out = Path(cfg.out_dir)

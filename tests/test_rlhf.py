@@ -3,15 +3,17 @@ improve their metric on the tiny world (PPO: reward; DPO: held-out preference lo
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from forgeline.checkpoint import latest_checkpoint
-from tasks.chat_data import load_tokenizer, read_jsonl
+from forgeline.config import ConfigError
+from tasks.chat_data import load_tokenizer, read_jsonl, write_jsonl
 from tasks.pretrain import load_pretrained
 from tasks.reward import RewardConfig, encode_pairs, reward
 from tasks.rlhf import (RLHFConfig, centre_by_prompt, dpo_loss, gae, ppo_policy_loss, reply_batch, rlhf,
@@ -120,7 +122,8 @@ def test_dpo_loss_is_log2_on_real_sequences(world):
 
 def test_ppo_raises_the_reward_and_reports_kl_and_clipping(world, tmp_path):
     logged = []
-    metrics = rlhf(tiny_rlhf(world, tmp_path, algorithm="ppo"), log=lambda step, m: logged.append(m))
+    # plain PPO (no SFT term): the reward model's signal alone moves the policy
+    metrics = rlhf(tiny_rlhf(world, tmp_path, algorithm="ppo", ptx_coef=0.0), log=lambda step, m: logged.append(m))
     # the quantity PPO maximises: the reward of replies sampled on (held-out) prompts
     assert metrics["policy_sampled_reward"] > metrics["sft_sampled_reward"] + 0.3, metrics
     assert metrics["kl_to_reference"] > 0
@@ -139,6 +142,50 @@ def test_dpo_learns_the_held_out_preferences(world, tmp_path, mix):
     assert dpo["dpo_val_loss"] < math.log(2) - 0.05, dpo   # log 2 at the start
     assert dpo["dpo_val_reward_accuracy"] > 0.7, dpo      # 0 at the start (all margins 0)
     assert ("dpo_val_loss.rule" in metrics) == (mix["sampled_fraction"] < 1) and "dpo_val_loss.sampled" in metrics
+
+
+def disagreeing_reward_dir(world: dict, tmp: Path) -> Path:
+    """A copy of the world's reward stage output that disagrees with it: the scalar head negated (the
+    opposite preferences for PPO) and each sampled pair's rejected reply swapped for the next pair's (DPO)."""
+    out = tmp / "disagreeing_reward"
+    shutil.copytree(world["reward"], out)
+    weights = load_file(out / "model.safetensors")
+    assert {"head.weight", "head.bias"} <= set(weights)
+    save_file({k: -v if k.startswith("head.") else v for k, v in weights.items()}, out / "model.safetensors")
+    pairs = read_jsonl(out / "sampled_pairs_train.jsonl")
+    assert len(pairs) > 1
+    write_jsonl(out / "sampled_pairs_train.jsonl",
+                [{**p, "rejected": q["rejected"]} for p, q in zip(pairs, pairs[1:] + pairs[:1])])
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "dpo"])
+def test_the_control_run_ignores_the_reward_signal(world, tmp_path, algorithm):
+    """rl_coef=0 trains on the SFT term alone (ptx / the chosen reply's NLL): a reward stage that
+    disagrees gives the same policy; with rl_coef=1 it gives another."""
+    other = disagreeing_reward_dir(world, tmp_path)
+    policies = {}
+    for rl_coef in (0.0, 1.0):
+        for name, rm in (("same", world["reward"]), ("other", other)):
+            cfg = tiny_rlhf(world, tmp_path / f"{rl_coef}-{name}", algorithm=algorithm, max_steps=3, rl_coef=rl_coef,
+                            reward_dir=str(rm), eval_samples=1)
+            rlhf(cfg)
+            policies[rl_coef, name] = load_file(Path(cfg.out_dir) / "model.safetensors")
+    gap = lambda a, b: max((a[k] - b[k]).abs().max().item() for k in a)
+    sft = load_file(world["sft"] / "model.safetensors")
+    # DPO runs chosen and rejected replies through one padded forward: other rejected replies change
+    # the padded width and with it the float rounding, hence a tolerance, far below the other gaps
+    assert gap(policies[0.0, "same"], policies[0.0, "other"]) < 1e-5
+    assert gap(policies[0.0, "same"], sft) > 1e-3   # it did train
+    assert gap(policies[1.0, "same"], policies[1.0, "other"]) > 1e-3
+
+
+def test_a_control_that_trains_nothing_fails_before_work():
+    with pytest.raises(ConfigError, match="would train nothing"):
+        RLHFConfig(algorithm="ppo", rl_coef=0.0, ptx_coef=0.0).check()
+    with pytest.raises(ConfigError, match="would train nothing"):
+        RLHFConfig(algorithm="dpo", rl_coef=0.0, nll_weight=0.0).check()
+    RLHFConfig(algorithm="dpo", rl_coef=0.0, ptx_coef=0.0).check()   # nll_weight 1 trains
 
 
 def test_ppo_exact_resume_after_crash(world, tmp_path):
