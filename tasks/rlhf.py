@@ -469,11 +469,12 @@ def rlhf(cfg: RLHFConfig, log=None) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     val_rows = [r for r in read_jsonl(Path(cfg.data_dir) / "sft_val.jsonl") if r["answer"] is not None]
     if cfg.algorithm == "ppo":
-        train_rows = [r for r in read_jsonl(Path(cfg.data_dir) / "sft_train.jsonl") if r["answer"] is not None]
+        sft_rows = read_jsonl(Path(cfg.data_dir) / "sft_train.jsonl")
+        train_rows = [r for r in sft_rows if r["answer"] is not None]
         train_prompts = [prompt_ids(tok, r) for r in train_rows]
-        if cfg.ptx_coef:
-            conversations = encode_conversations(read_jsonl(Path(cfg.data_dir) / "sft_train.jsonl"), tok,
-                                                 policy.config.block_size)[0]
+        # PPO-ptx: one SFT batch per update, ppo_epochs * rollout_batch / minibatch_size updates a step
+        conversations = encode_conversations(sft_rows, tok, policy.config.block_size)[0] if cfg.ptx_coef else []
+        updates = cfg.ppo_epochs * cfg.rollout_batch // cfg.minibatch_size
     else:
         rule_pairs, sampled_pairs = (encode_pairs(rows, tok, policy.config.block_size)
                                      for rows in dpo_rows(cfg, "train"))
@@ -508,7 +509,6 @@ def rlhf(cfg: RLHFConfig, log=None) -> dict:
             k = cfg.replies_per_prompt
             rows = [i for i in batch_indices(len(train_prompts), cfg.rollout_batch // k, cfg.seed, step)
                     for _ in range(k)]
-            updates = cfg.ppo_epochs * cfg.rollout_batch // cfg.minibatch_size
             ptx = (collate([conversations[i] for i in batch_indices(len(conversations), cfg.minibatch_size,
                                                                     cfg.seed, step * updates + j)],
                            tok.token_to_id(PAD)) for j in range(updates)) if cfg.ptx_coef else None
