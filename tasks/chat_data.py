@@ -22,8 +22,8 @@ must learn to stop), 0 on everything else. A prompt for generation ends with <|a
   `add` (two numbers 0..99), `reverse` (a word's letters, space-separated, backwards),
   `count` (letters in a space-separated word), `copy` (one field's value from a two-field passage).
   Words come from the shipped Austen novel; field values from the lists below.
-The held-out split is by key, so no val prompt's content is seen in training: the operand pair
-for `add`, the word for `reverse` and `count` (shared, so a val word is unseen by every task),
+The held-out split is by key, so no val prompt's content is seen in training: the unordered
+operand pair for `add` (5 + 7 and 7 + 5 fall on the same side), the word for `reverse` and `count` (shared, so a val word is unseen by every task),
 the whole passage and question for `copy`, the first user turn for the others.
 
 **Preference data** (`pref_train.jsonl`, `pref_val.jsonl`; prompt, chosen, rejected). Made only
@@ -299,8 +299,13 @@ def task_keys(task: str, words: list[str]) -> list[tuple]:
 
 
 def split_key(task: str, key: tuple) -> str:
-    """What decides the split: the word is shared by reverse and count, so it is held out of both."""
-    return f"word|{key[0]}" if task in ("reverse", "count") else f"{task}|{'|'.join(map(str, key))}"
+    """What decides the split: the word is shared by reverse and count, so it is held out of both;
+    a + b and b + a are one problem, so `add` keys on the unordered pair."""
+    if task in ("reverse", "count"):
+        return f"word|{key[0]}"
+    if task == "add":
+        key = tuple(sorted(key))
+    return f"{task}|{'|'.join(map(str, key))}"
 
 
 def task_items(task: str, words: list[str], cfg: ChatDataConfig) -> dict[str, list[dict]]:

@@ -147,6 +147,19 @@ def test_verifiable_answers_are_right_and_held_out_keys_unseen(built):
     assert seen["val"] and not seen["train"] & seen["val"]
 
 
+def test_add_split_keys_on_the_unordered_pair(built):
+    """a + b and b + a are one problem: held out together, never one in training and one held out."""
+    from tasks.chat_data import is_val
+
+    cfg, _, out = built
+    split_of = {(a, b): is_val(split_key("add", (a, b)), cfg.val_fraction) for a in range(100) for b in range(100)}
+    assert any(split_of.values()), "no add pair held out"
+    assert [k for k, v in split_of.items() if v != split_of[k[::-1]]] == []
+    pairs = {s: {frozenset((r["meta"]["a"], r["meta"]["b"])) for r in read_jsonl(out / f"sft_{s}.jsonl")
+                 if r["source"] == "add"} for s in ("train", "val")}
+    assert pairs["val"] and not pairs["train"] & pairs["val"]
+
+
 def test_preference_pairs_follow_their_rules(built):
     _, _, out = built
     answers_by_task = {}
