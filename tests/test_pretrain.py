@@ -19,8 +19,8 @@ import models.gpt
 from forgeline.checkpoint import MARKER, complete_checkpoints, latest_checkpoint
 from tasks.pretrain import NonFiniteLoss, PretrainConfig, get_batch, lr_at, pretrain
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "austen_persuasion.txt.gz"
 ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data" / "raw" / "austen" / "persuasion.txt.gz"  # the shipped sample (data/README.md)
 
 
 @pytest.fixture(scope="module")
