@@ -10,12 +10,17 @@ rebuild the document from them. A document goes wholly to train or to val, by a 
 `doc_id`. Writes out_dir/chunks.parquet (chunk_id, doc_id, start, end, splitter, split, n_chars,
 section = heading path or "", text) and out_dir/summary.json.
 
+The Great Expectations gate holds however the stage is started (the flow, `dvc repro` alone, by
+hand): before any work `main()` reads `validation` (validate's result.json) and exits non-zero
+unless it says the suite passed on this very documents table (same sha256). A missing report
+fails too: chunking documents nobody validated is what the gate exists to prevent.
+
 Length is measured in `length_unit`: `chars`, or `tokens` = the words and punctuation marks
 (`\\w+|[^\\w\\s]`) that start inside a span (a cheap stand-in for BPE tokens; whitespace is free).
 `chunk_size` is a hard limit, except for an atom that contains none of the `separators` (possible
 only when "" is left out of them): it becomes a chunk of its own, over the limit.
 
-    python -m tasks.chunk [key=value ...]
+    python -m tasks.chunk [key=value ...]      # after python -m tasks.validate
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ HEADING_REGEX = (r"(?m)^[ \t]*(?:CHAPTER|Chapter|BOOK|Book|PART|Part|VOLUME|Volu
 @dataclass
 class ChunkConfig:
     documents: str = "data/ingest/documents.parquet"  # ingest output; uses doc_id and text
+    validation: str = "data/validate/result.json"     # validate's verdict on `documents`: the gate
     out_dir: str = "data/chunk"                       # chunks.parquet, summary.json
     splitter: Literal["recursive", "regex", "markdown"] = "recursive"
     length_unit: Literal["chars", "tokens"] = "chars"  # tokens: regex words + punctuation, not BPE
@@ -352,6 +358,30 @@ def chunk_id(doc_id: str, start: int, end: int) -> str:
     return hashlib.sha256(f"{doc_id}:{start}:{end}".encode()).hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------------- the gate
+class GateClosed(RuntimeError):
+    """The documents have not passed validation: chunk refuses to run."""
+
+
+def check_gate(cfg: ChunkConfig) -> None:
+    """Raise GateClosed unless `cfg.validation` says the suite passed on `cfg.documents` as it is now."""
+    report = Path(cfg.validation)
+    if not report.is_file():
+        raise GateClosed(f"chunk: no validation report {report}: run validate first "
+                         f"(python -m tasks.validate)")
+    result = json.loads(report.read_text())
+    if not result.get("success"):
+        failed = [f"  - {f['expectation']}({f['column'] or 'table'}): {f['unexpected_count']} unexpected"
+                  for f in result.get("failures", [])]
+        raise GateClosed(f"chunk: validation FAILED on {cfg.documents} ({report}); not chunking. "
+                         f"Fix the data (or configs/validate.yaml) and rerun validate.\n" + "\n".join(failed))
+    with open(cfg.documents, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    if result.get("documents_sha256") != sha:
+        raise GateClosed(f"chunk: {report} is about another version of {cfg.documents} (sha256 "
+                         f"{result.get('documents_sha256')}, now {sha}): rerun validate first")
+
+
 # ---------------------------------------------------------------------------- stage
 COLUMNS = ["chunk_id", "doc_id", "start", "end", "splitter", "split", "n_chars", "section", "text"]
 
@@ -403,6 +433,11 @@ def main(argv: list[str] | None = None) -> None:
     from forgeline.tracking import stage_run
 
     cfg = load_config(ChunkConfig, "chunk", sys.argv[1:] if argv is None else argv)
+    try:
+        check_gate(cfg)
+    except GateClosed as e:  # before the MLflow run and any output: nothing to clean up
+        print(e, file=sys.stderr)
+        sys.exit(1)
     with stage_run("chunk", config_dict(cfg)):
         summary = chunk(cfg)
         mlflow.log_metrics(summary)

@@ -9,6 +9,7 @@ failed expectation and its unexpected count, so no later stage runs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ def validate(cfg: ValidateConfig) -> dict:
     summary = {
         "success": bool(run.success),
         "documents": int(len(df)),
+        # which table this verdict is about: chunk refuses a report made on other documents
+        "documents_sha256": file_sha256(cfg.documents),
         "evaluated_expectations": len(result.results),
         "failed_expectations": len(failures),
         "failures": failures,
@@ -120,6 +123,11 @@ def validate(cfg: ValidateConfig) -> dict:
     if failures:
         raise ValidationFailed(failure_message(summary, cfg.documents))
     return summary
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def failure_message(summary: dict, documents: str) -> str:

@@ -1,15 +1,23 @@
 """tasks/chunk.py: exact offsets, size and overlap limits, code kept whole, stable splits."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from forgeline.config import ConfigError, load_config
-from tasks.chunk import ChunkConfig, Length, assign_splits, chunk, doc_hash, split_text
+from tasks.chunk import ChunkConfig, GateClosed, Length, assign_splits, check_gate, chunk, doc_hash, main, split_text
+from tasks.validate import ValidateConfig, ValidationFailed, validate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = ("the a of and to in was that it her she had not be Anne Elliot Kellynch naval baronet "
          "café naïve ☃ 東京 Ωmega e.g. Mr. Mrs. (aside) \"quoted\"").split()
@@ -273,6 +281,68 @@ def test_chunk_stage_schema_and_summary(tmp_path):
     assert summary["train_chunks"] + summary["val_chunks"] == len(df)
     assert summary["train_chars"] + summary["val_chars"] == df["n_chars"].sum()
     assert summary["chunk_chars_max"] == df["n_chars"].max() <= 300
+
+
+# ---------------------------------------------------------------------------- the validation gate
+def validated(tmp_path, min_chars: int = 1) -> ChunkConfig:
+    """DOCS as an ingest table, run through the real validate stage; the chunk config that reads it."""
+    texts = list(DOCS.values())
+    pd.DataFrame({"doc_id": list(DOCS), "text": texts,
+                  "sha256": [hashlib.sha256(t.encode()).hexdigest() for t in texts],
+                  "ocr_confidence": [None] * len(texts), "printable_ratio": [1.0] * len(texts),
+                  }).to_parquet(tmp_path / "documents.parquet")
+    vcfg = ValidateConfig(documents=str(tmp_path / "documents.parquet"), out_dir=str(tmp_path / "validate"),
+                          min_chars=min_chars)
+    try:
+        validate(vcfg)
+    except ValidationFailed:
+        pass  # result.json says so; that is what chunk reads
+    return ChunkConfig(documents=vcfg.documents, validation=str(tmp_path / "validate" / "result.json"),
+                       out_dir=str(tmp_path / "chunk"))
+
+
+def run_main(cfg: ChunkConfig, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_:
+        main([f"documents={cfg.documents}", f"validation={cfg.validation}", f"out_dir={cfg.out_dir}"])
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_gate_passes_documents_validate_passed(tmp_path):
+    check_gate(validated(tmp_path))  # no exception
+
+
+def test_gate_refuses_failed_validation_before_any_work(tmp_path, capsys):
+    cfg = validated(tmp_path, min_chars=10**6)  # every document too short: the suite fails
+    code, err = run_main(cfg, capsys)
+    assert code == 1 and "validation FAILED" in err
+    assert "expect_column_value_lengths_to_be_between(text)" in err  # names the failed expectation
+    assert not Path(cfg.out_dir).exists()
+
+
+def test_gate_refuses_when_validate_has_not_run(tmp_path, capsys):
+    cfg = validated(tmp_path)
+    Path(cfg.validation).unlink()
+    code, err = run_main(cfg, capsys)
+    assert code == 1 and "run validate first" in err and not Path(cfg.out_dir).exists()
+
+
+def test_gate_refuses_a_report_about_other_documents(tmp_path):
+    cfg = validated(tmp_path)
+    pd.read_parquet(cfg.documents).iloc[:1].to_parquet(cfg.documents)  # ingest reran, validate did not
+    with pytest.raises(GateClosed, match="another version"):
+        check_gate(cfg)
+
+
+def test_stage_run_by_hand_exits_nonzero_on_a_failed_gate(tmp_path):
+    """`python -m tasks.chunk` (what DVC runs) stops with the message on stderr, exit status 1."""
+    cfg = validated(tmp_path, min_chars=10**6)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env.pop("FORGELINE_RUN_ID", None)
+    proc = subprocess.run([sys.executable, "-m", "tasks.chunk", f"documents={cfg.documents}",
+                           f"validation={cfg.validation}", f"out_dir={cfg.out_dir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "validation FAILED" in proc.stderr, proc.stderr[-2000:]
+    assert not Path(cfg.out_dir).exists() and not (tmp_path / "mlflow.db").exists()
 
 
 # ---------------------------------------------------------------------------- config
