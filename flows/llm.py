@@ -7,6 +7,7 @@ DVC decides what is stale; each stage is an MLflow child run under one parent ru
     python -m flows.llm                          # run on the embedded defaults
     python -m flows.llm chunk.chunk_size=800     # override a stage setting (written to configs/chunk.yaml)
     python -m flows.llm --wait-s 600 --no-push
+    python -m flows.llm --plan [stage.key=value ...]   # which stages would rerun and why, time and memory; runs nothing
 """
 from __future__ import annotations
 
@@ -105,7 +106,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="stage.key=value")
     parser.add_argument("--wait-s", type=float, default=0.0)
     parser.add_argument("--no-push", action="store_true")
+    parser.add_argument("--plan", action="store_true", help="say what would run and why; run nothing")
     args = parser.parse_args(argv)
+    if args.plan:  # `forgeline plan llm` without this module's imports is the fast way (forgeline/plan.py)
+        from forgeline.plan import format_plan, plan_pipeline
+
+        try:
+            print(format_plan(plan_pipeline("llm", args.overrides)))
+        except ConfigError as e:
+            sys.exit(f"llm --plan: {e}")
+        return
     nested: dict[str, dict] = {}
     for key, value in parse_overrides(args.overrides).items():
         stage, _, field = key.partition(".")

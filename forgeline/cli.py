@@ -5,6 +5,7 @@
     forgeline env                                      # `eval $(forgeline env)`: point a shell at the stack
     forgeline down                                     # stop exactly what `up` started
     forgeline lineage models:/forgeline-llm@candidate [--json]   # or an MLflow run id
+    forgeline plan llm [stage.key=value ...]           # which stages a run would rerun and why, time and memory
 
 Also `python -m forgeline ...`. Run from anywhere: the workspace is the repo this package lives in.
 """
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p_lin = sub.add_parser("lineage", help="verified chain from a model version or run back to raw inputs")
     p_lin.add_argument("target", help="models:/<name>@<alias>, models:/<name>/<version> or an MLflow run id")
     p_lin.add_argument("--json", action="store_true")
+    p_plan = sub.add_parser("plan", help="which stages a pipeline run would rerun and why; nothing runs")
+    p_plan.add_argument("pipeline", help="flows/<pipeline>.py, e.g. llm")
+    p_plan.add_argument("overrides", nargs="*", help="stage.key=value, as the flow takes them (not written)")
     args = parser.parse_args(argv)
     # the stack is on loopback: its clients (Prefect's httpx, MLflow's requests) must not use a proxy
     os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
@@ -75,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         result = trace(args.target)
         print(json.dumps(result, indent=2, default=str) if args.json else format_trace(result))
         return 0 if result["ok"] else 2
+    if args.command == "plan":
+        from forgeline.config import ConfigError
+        from forgeline.plan import format_plan, plan_pipeline
+
+        try:
+            print(format_plan(plan_pipeline(args.pipeline, args.overrides)))
+        except (ConfigError, FileNotFoundError) as e:
+            print(f"forgeline plan: {e}", file=sys.stderr)
+            return 1
+        return 0
     return 1
 
 

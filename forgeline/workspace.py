@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sys
 import time
@@ -94,9 +95,15 @@ def run_stage(stage: str, parent_run_id: str, flow_run_id: str = "") -> dict[str
 
     saved = {k: os.environ.get(k) for k in ("FORGELINE_RUN_ID", "MLFLOW_TRACKING_URI", "PATH")}
     os.environ.update(_stage_env(run_id))
+    # DVC's logger prints its lines itself (stdout); left to propagate, Prefect's root console
+    # handler prints each one again. Our own MLflow/DVC bookkeeping replaces its `git add` hint.
+    logging.getLogger("dvc").propagate = False
+    print(f"[{stage}] dvc repro --single-item {stage} (skipped if its deps, params and outs match dvc.lock)",
+          flush=True)
     t0 = time.perf_counter()
     try:
         with Repo(str(ROOT)) as repo:
+            repo.scm_context.quiet = True
             changed = repo.reproduce(stage, single_item=True)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
