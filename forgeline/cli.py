@@ -4,7 +4,7 @@
     forgeline status [--json]                          # what runs where
     forgeline env                                      # `eval $(forgeline env)`: point a shell at the stack
     forgeline down                                     # stop exactly what `up` started
-    forgeline lineage models:/forgeline-llm@candidate [--json]   # or an MLflow run id
+    forgeline lineage models:/forgeline-llm@candidate [--json] [--strict]   # or an MLflow run id
     forgeline plan llm [stage.key=value ...]           # which stages a run would rerun and why, time and memory
 
 Also `python -m forgeline ...`. Run from anywhere: the workspace is the repo this package lives in.
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p_lin = sub.add_parser("lineage", help="verified chain from a model version or run back to raw inputs")
     p_lin.add_argument("target", help="models:/<name>@<alias>, models:/<name>/<version> or an MLflow run id")
     p_lin.add_argument("--json", action="store_true")
+    p_lin.add_argument("--strict", action="store_true",
+                       help="exit non-zero unless every check is OK (UNVERIFIED too, not only BROKEN)")
     p_plan = sub.add_parser("plan", help="which stages a pipeline run would rerun and why; nothing runs")
     p_plan.add_argument("pipeline", help="flows/<pipeline>.py, e.g. llm")
     p_plan.add_argument("overrides", nargs="*", help="stage.key=value, as the flow takes them (not written)")
@@ -72,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"export {k}={v}")
         return 0
     if args.command == "lineage":
-        from forgeline.lineage import format_trace, trace
+        from forgeline.lineage import exit_code, format_trace, trace
 
         _use_stack_tracking()
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         result = trace(args.target)
         print(json.dumps(result, indent=2, default=str) if args.json else format_trace(result))
-        return 0 if result["ok"] else 2
+        return exit_code(result, strict=args.strict)
     if args.command == "plan":
         from forgeline.config import ConfigError
         from forgeline.plan import format_plan, plan_pipeline
