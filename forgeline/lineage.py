@@ -491,7 +491,8 @@ def trace(target: str, root: Path | None = None) -> dict[str, Any]:
     finally:
         objects.close()
     found = {state: [f"{link.get('stage', link['kind'])} ({link['run_id']}): {c['what']}: {c['detail']}"
-                     for link in links for c in link["checks"] if c["state"] == state] for state in (BROKEN, UNVERIFIED)}
+                     for link in links for c in link["checks"] if c["state"] == state]
+             for state in (BROKEN, UNVERIFIED)}
     state = worst(link["state"] for link in links)
     return {"target": target, "state": state, "ok": state == OK, "links": links,
             "broken": found[BROKEN], "unverified": found[UNVERIFIED]}
