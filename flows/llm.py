@@ -20,7 +20,9 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, ValidationError
 
 from forgeline.config import ConfigError, params_model, parse_overrides
+from forgeline.prefect_api import TemporaryAPI
 from forgeline.registry import register
+from forgeline.tracking import init_tracking
 from forgeline.workspace import WorkspaceBusy, pipeline_run, push
 from tasks.chat_data import ChatDataConfig, chat_data_task
 from tasks.chunk import ChunkConfig, chunk_task
@@ -122,7 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         nested.setdefault(stage, {})[field] = value
     try:
         params = LLMParams.model_validate({**nested, "wait_s": args.wait_s, "push": not args.no_push})
-        results = llm(params)
+        api = TemporaryAPI.start_unless_configured()
+        init_tracking()  # MLflow's import and its store's schema check, while the Prefect server starts
+        with api.ready():
+            results = llm(params)
     except (ConfigError, ValidationError, ValidationFailed, WorkspaceBusy) as e:
         sys.exit(f"llm: {type(e).__name__}: {e}")
     for r in results:

@@ -66,6 +66,20 @@ def test_first_run_runs_every_stage(first_run):
     assert yaml.safe_load((ws / "configs" / "pretrain.yaml").read_text())["max_steps"] == 12
 
 
+
+def test_console_shows_each_dvc_line_once(first_run):
+    """DVC's logger prints its lines to stdout; Prefect's root console handler used to print each again
+    (stderr), with DVC's `git add` hint after every stage."""
+    _, proc = first_run
+    out = proc.stdout + proc.stderr
+    for stage in STAGES:
+        assert out.count(f"Running stage '{stage}'") == 1, stage
+    assert "To track the changes with git" not in out
+    # a start line per stage, and the training stages' own progress lines, once each
+    assert all(out.count(f"[{stage}] dvc repro --single-item {stage} ") == 1 for stage in STAGES)
+    steps = [line.strip() for line in proc.stdout.splitlines() if line.lstrip().startswith("step ")]
+    assert steps and not any(line in proc.stderr for line in steps)
+
 def test_lineage_in_mlflow(first_run):
     ws, _ = first_run
     client, runs = mlflow_runs(ws)
