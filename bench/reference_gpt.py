@@ -1,192 +1,189 @@
-"""Textbook GPT: the baseline `bench.bench_gpt` races `models.gpt.GPT` against.
+"""nanoGPT's model, the baseline `bench.bench_gpt` races `models.gpt.GPT` against.
 
-Same architecture, parameter count and maths as models/gpt.py for every GPTConfig option, written
-the plain way: separate q, k, v Linear layers, attention spelled out as softmax(q k^T / sqrt(D)
-masked) v, nn.LayerNorm or RMSNorm by hand, RoPE and sine-cosine tables built each forward,
-grouped-query k/v heads copied out with repeat_interleave, loss by F.cross_entropy on the full
-logits. No SDPA, no fused projection, no chunked loss, no KV cache (training only).
-`copy_weights_from(gpt)` loads a GPT's weights, so the two can be checked for equal outputs
-(tests/test_gpt.py) and timed on identical work.
+Source: Andrej Karpathy's nanoGPT, `model.py` (https://github.com/karpathy/nanoGPT/blob/master/model.py,
+MIT licence), re-expressed here op for op in our own code so the benchmark compares against the
+real thing and not a strawman:
+
+- LayerNorm with an optional bias, eps 1e-5 (`F.layer_norm`);
+- CausalSelfAttention: one fused `c_attn` Linear(C, 3C) split into q, k, v of n_embd each, heads
+  moved to dim 1, `F.scaled_dot_product_attention(is_causal=True)` with attention dropout in
+  training, heads re-joined with `transpose(1, 2).contiguous().view`, `c_proj`, residual dropout;
+- MLP: `c_fc` Linear(C, 4C) -> `nn.GELU()` (exact erf GELU) -> `c_proj` -> dropout;
+- Block: pre-norm, x + attn(ln_1(x)), then x + mlp(ln_2(x));
+- GPT: `transformer.{wte, wpe, drop, h, ln_f}` and `lm_head` with the token embedding tied to it,
+  weights N(0, 0.02), biases zero, every `c_proj.weight` N(0, 0.02 / sqrt(2 n_layer));
+  forward adds learned positions, runs the blocks and the final norm, then with targets computes the
+  full (B, T, V) logits and `F.cross_entropy(..., ignore_index=-1)`; without targets only the last
+  position's logits;
+- configure_optimizers: weight decay for parameters with dim >= 2 only, AdamW fused only when
+  `device_type == "cuda"` (so on CPU it is PyTorch's default AdamW, the multi-tensor `foreach` path).
+
+Deliberate differences: none in what is computed. Left out because a training-throughput benchmark
+never calls them: the non-flash fallback for PyTorch < 2.0, `crop_block_size`, `from_pretrained`,
+`estimate_mfu`, `generate`, and the parameter-count prints. `load_forgeline_weights` (below the
+model, not part of nanoGPT) copies a `models.gpt.GPT`'s weights in, so the two models can be checked
+for equal outputs (tests/test_gpt.py) and timed on identical work.
+
+Note that our GPT's `mlp="gelu"` is GPT-2's tanh approximation while nanoGPT uses the exact GELU;
+the benchmark keeps each model's own choice, and the equality test swaps the reference's activation.
 
     .venv/bin/python -m bench.bench_gpt
 """
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.gpt import GPT, GPTConfig
+
+@dataclass
+class NanoGPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+class LayerNorm(nn.Module):
+    """nn.LayerNorm could not drop its bias when nanoGPT was written, hence its own module."""
+
+    def __init__(self, ndim: int, bias: bool):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
-        return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-def norm(config: GPTConfig) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
-
-
-def rotate(x, pos, theta):
-    """RoPE on x (B, heads, T, D): feature j pairs with j + D/2 (GPT-NeoX layout) and turns by
-    pos * theta^(-2j/D). models/gpt.py pairs (2j, 2j+1) instead; copy_weights_from permutes the
-    q and k rows to match, which leaves q . k, and so the model, unchanged."""
-    D = x.size(-1)
-    freqs = 1.0 / theta ** (torch.arange(0, D // 2, dtype=torch.float32) * 2 / D)
-    angles = pos[:, None].float() * freqs[None, :]                 # (T, D/2)
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    first, second = x[..., : D // 2], x[..., D // 2:]
-    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: GPTConfig):
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: NanoGPTConfig):
         super().__init__()
-        self.config = config
-        D = config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * D, bias=config.bias)
-        self.k_proj = nn.Linear(config.n_embd, config.kv_heads * D, bias=config.bias)
-        self.v_proj = nn.Linear(config.n_embd, config.kv_heads * D, bias=config.bias)
-        self.out_proj = nn.Linear(config.n_head * D, config.n_embd, bias=config.bias)
-        self.attn_drop = nn.Dropout(config.dropout)
-        self.resid_drop = nn.Dropout(config.dropout)
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)  # used only by nanoGPT's pre-2.0 fallback
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
     def forward(self, x):
-        cfg = self.config
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-        if cfg.pos_encoding == "rope":
-            pos = torch.arange(T)
-            q, k = rotate(q, pos, cfg.rope_theta), rotate(k, pos, cfg.rope_theta)
-        group = cfg.n_head // cfg.kv_heads
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(cfg.head_dim)   # (B, H, T, T)
-        mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
-        scores = scores.masked_fill(~mask, float("-inf"))
-        weights = self.attn_drop(F.softmax(scores, dim=-1))
-        y = (weights @ v).transpose(1, 2).contiguous().view(B, T, cfg.n_head * cfg.head_dim)
-        return self.resid_drop(self.out_proj(y))
+        B, T, C = x.size()
+        head = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, head).transpose(1, 2)          # (B, H, T, D)
+        k = k.view(B, T, self.n_head, head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
 
 
-class FeedForward(nn.Module):
-    def __init__(self, config: GPTConfig):
+class MLP(nn.Module):
+    def __init__(self, config: NanoGPTConfig):
         super().__init__()
-        self.kind = config.mlp
-        hidden = config.mlp_hidden
-        self.fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        if self.kind == "swiglu":
-            self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.drop = nn.Dropout(config.dropout)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        if self.kind == "swiglu":
-            h = F.silu(self.fc(x)) * self.up(x)
-        elif self.kind == "gelu":
-            h = F.gelu(self.fc(x), approximate="tanh")
-        else:
-            h = F.relu(self.fc(x))
-        return self.drop(self.proj(h))
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: NanoGPTConfig):
         super().__init__()
-        self.ln_1, self.attn = norm(config), Attention(config)
-        self.ln_2, self.mlp = norm(config), FeedForward(config)
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
-class ReferenceGPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+class NanoGPT(nn.Module):
+    def __init__(self, config: NanoGPTConfig):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        if config.pos_encoding == "learned":
-            self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = norm(config)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_weights:
-            self.lm_head.weight = self.wte.weight
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.transformer.wte.weight = self.lm_head.weight  # tied: the LM head is the embedding
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
-        cfg = self.config
-        B, T = idx.shape
-        x = self.wte(idx)
-        if cfg.pos_encoding == "learned":
-            x = x + self.wpe(torch.arange(T))
-        elif cfg.pos_encoding == "sincos":
-            pe = torch.zeros(T, cfg.n_embd)
-            pos = torch.arange(T, dtype=torch.float32)[:, None]
-            div = torch.exp(torch.arange(0, cfg.n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / cfg.n_embd))
-            pe[:, 0::2] = torch.sin(pos * div)
-            pe[:, 1::2] = torch.cos(pos * div)
-            x = x * math.sqrt(cfg.n_embd) + pe
-        x = self.drop(x)
-        for block in self.blocks:
+        b, t = idx.size()
+        assert t <= self.config.block_size, f"sequence of {t} tokens, block_size is {self.config.block_size}"
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        loss = None
+        x = self.transformer.ln_f(x)
         if targets is not None:
-            loss = F.cross_entropy(logits.view(B * T, -1), targets.view(B * T), ignore_index=-100)
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # inference: the last position only
+            loss = None
         return logits, loss
 
-    @torch.no_grad()
-    def copy_weights_from(self, gpt: GPT):
-        """Load a models.gpt.GPT's weights: its fused q/k/v matrix split by rows and, for RoPE,
-        each head's q/k features reordered from pairs (2j, 2j+1) to pairs (j, j + D/2)."""
-        cfg = self.config
-        D = cfg.head_dim
-        q_rows, kv_rows = cfg.n_head * D, cfg.kv_heads * D
-        order = torch.arange(D)
-        if cfg.pos_encoding == "rope":
-            order = torch.cat([order[0::2], order[1::2]])
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        use_fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
 
-        def per_head(rows, heads):  # reorder features within each head
-            return rows.unflatten(0, (heads, D))[:, order].flatten(0, 1)
 
-        self.wte.weight.copy_(gpt.wte.weight)
-        if cfg.pos_encoding == "learned":
-            self.wpe.weight.copy_(gpt.wpe.weight)
-        if not cfg.tie_weights:
-            self.lm_head.weight.copy_(gpt.lm_head.weight)
-        self.ln_f.load_state_dict(gpt.ln_f.state_dict())
-        for mine, theirs in zip(self.blocks, gpt.blocks):
-            mine.ln_1.load_state_dict(theirs.ln_1.state_dict())
-            mine.ln_2.load_state_dict(theirs.ln_2.state_dict())
-            for name in ("weight", "bias"):
-                fused = getattr(theirs.attn.c_attn, name)
-                if fused is None:
-                    continue
-                q, k, v = fused.split([q_rows, kv_rows, kv_rows])
-                getattr(mine.attn.q_proj, name).copy_(per_head(q, cfg.n_head))
-                getattr(mine.attn.k_proj, name).copy_(per_head(k, cfg.kv_heads))
-                getattr(mine.attn.v_proj, name).copy_(v)
-                getattr(mine.attn.out_proj, name).copy_(getattr(theirs.attn.c_proj, name))
-                getattr(mine.mlp.fc, name).copy_(getattr(theirs.mlp.c_fc, name))
-                if cfg.mlp == "swiglu":
-                    getattr(mine.mlp.up, name).copy_(getattr(theirs.mlp.c_up, name))
-                getattr(mine.mlp.proj, name).copy_(getattr(theirs.mlp.c_proj, name))
+# ----------------------------------------------------------------------------- not nanoGPT: benchmark glue
+
+
+def nanogpt_config(cfg) -> NanoGPTConfig:
+    """The NanoGPTConfig for a models.gpt.GPTConfig; raises if ours is not nanoGPT's architecture."""
+    want = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "tie_weights": True}
+    wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
+    if wrong or cfg.kv_heads != cfg.n_head:
+        raise ValueError(f"not nanoGPT's architecture: {wrong or {'n_kv_heads': cfg.n_kv_heads}}; it needs {want}")
+    return NanoGPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+
+
+@torch.no_grad()
+def load_forgeline_weights(ref: NanoGPT, gpt) -> NanoGPT:
+    """Copy a models.gpt.GPT's weights into `ref`: the same tensors under nanoGPT's names."""
+    renamed = {}
+    for name, tensor in gpt.state_dict().items():
+        if name.startswith(("wte.", "wpe.", "ln_f.")):
+            name = "transformer." + name
+        elif name.startswith("blocks."):
+            name = "transformer.h." + name[len("blocks."):]
+        renamed[name] = tensor
+    ref.load_state_dict(renamed, strict=True)
+    return ref

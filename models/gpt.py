@@ -120,6 +120,70 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+# ----------------------------------------------------------------------------- dropout
+
+
+def dropout_keep(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A dropout mask for `shape`: (keep (bool), 1 / keep probability).
+
+    Four 16-bit uniform draws come out of each 64-bit word of torch's generator (so
+    `torch.manual_seed` and the checkpointed RNG state govern it); an element is dropped when its
+    draw falls below round(p * 2^16), i.e. p to within 2^-17 (0.2 -> 0.19999695), and the scale
+    uses that exact probability, so the expectation is unchanged. torch's own dropout draws one
+    number per element: on 2 CPU cores its bernoulli_ took ~3x as long as these draws plus the
+    comparison, and dropout 0.2 cost a baby-GPT training step ~15 % of its time.
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)  # full 64 bits
+    dropped = round(p * 65536)
+    keep = words.view(torch.int16)[:n].view(shape) >= dropped - 32768
+    return keep, 65536 / (65536 - dropped)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with the mask from `dropout_keep`; identity in eval mode or at p = 0."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep, scale = dropout_keep(x.shape, self.p, x.device)
+        return x * (keep * scale).to(x.dtype)
+
+
+_CAUSAL: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def causal_bias(T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(T, T) additive mask, 0 on and below the diagonal and -inf above; built once per shape."""
+    key = (T, device, dtype)
+    if key not in _CAUSAL:
+        _CAUSAL[key] = torch.full((T, T), float("-inf"), device=device, dtype=dtype).triu(1)
+    return _CAUSAL[key]
+
+
+def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(D)) v with dropout p on the attention weights; q, k, v (B, H, T, D).
+
+    What SDPA computes for is_causal=True, dropout_p=p, but SDPA's CPU kernels take no dropout and
+    fall back to a path that builds the mask each call, scales q and k apart, guards against fully
+    masked rows (three more passes over the (B, H, T, T) weights) and draws a float per weight.
+    Here the scale and the cached causal mask ride in the q k^T GEMM (baddbmm), the dropout mask
+    is a bool from `dropout_keep`, and its 1/keep scale is applied to the (B, H, T, D) output.
+    """
+    B, H, T, D = q.shape
+    bias = causal_bias(T, q.device, q.dtype).expand(B * H, T, T)
+    scores = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2),
+                           alpha=1.0 / math.sqrt(D))
+    weights = torch.softmax(scores, dim=-1)
+    keep, scale = dropout_keep(weights.shape, p, q.device)
+    y = torch.bmm(weights * keep, v.reshape(B * H, T, D)) * scale
+    return y.view(B, H, T, D)
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -134,7 +198,7 @@ class CausalSelfAttention(nn.Module):
                                 bias=config.bias)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None, kv_cache: KVCache | None,
                 layer: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,9 +221,14 @@ class CausalSelfAttention(nn.Module):
             # aligns the triangle top-left, which is wrong once keys outnumber queries.
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         # start > 0, T == 1: the one new token sees every cached key, so no mask at all
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and start == 0,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=Hkv != H)
+        if self.training and self.dropout > 0 and mask is None and start == 0:
+            if Hkv != H:  # each k/v head serves H // Hkv query heads
+                k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+            y = attention_with_dropout(q, k, v, self.dropout)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and start == 0,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=Hkv != H)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.resid_dropout(self.c_proj(y))
 
@@ -183,7 +252,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_up = nn.Linear(config.n_embd, hidden, bias=config.bias) if self.kind == "swiglu" else None
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
@@ -350,7 +419,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config.norm, config.n_embd, config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
