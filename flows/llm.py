@@ -5,7 +5,7 @@ registered in MLflow (forgeline-llm@candidate) and the run's report card written
 DVC decides what is stale; each stage is an MLflow child run under one parent run per pipeline run.
 
     python -m flows.llm                          # run on the embedded defaults
-    python -m flows.llm chunk.chunk_size=800     # override a stage setting (written to configs/chunk.yaml)
+    python -m flows.llm chunk.chunk_size=800     # override a stage setting for this run only
     python -m flows.llm --wait-s 600 --no-push
     python -m flows.llm --plan [stage.key=value ...]   # which stages would rerun and why, time and memory; runs nothing
 """

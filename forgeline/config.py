@@ -6,15 +6,20 @@ Unknown keys and values of the wrong type fail here, before a stage does any wor
 """
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
+import io
+import json
+import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Iterator, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from forgeline.paths import config_path
+from forgeline.paths import ROOT, config_path
 
 
 class ConfigError(ValueError):
@@ -119,11 +124,85 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 
 def write_overrides(stage: str, overrides: dict[str, Any], path: str | Path | None = None) -> None:
-    """Apply overrides to the stage YAML in place (as `dvc exp run -S` does), so DVC sees them."""
+    """Set `overrides` in the stage YAML in place (as `dvc exp run -S` does), so DVC sees them.
+
+    A ruamel.yaml round trip: comments, key order and every line not overridden stay as they were.
+    """
+    from ruamel.yaml import YAML
+
     path = Path(path) if path else config_path(stage)
-    values = read_yaml(path)
-    values.update(overrides)
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    rt = YAML()  # round-trip mode
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap a long line the file did not wrap
+    data = rt.load(path.read_text()) if path.exists() else None
+    if data is None:
+        data = {}
+    data.update(overrides)
+    out = io.StringIO()
+    rt.dump(data, out)
+    _write_atomic(path, out.getvalue().encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a kill leaves either the old file or the new one, mode kept."""
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)  # os.open's mode is masked by the umask
+    os.replace(tmp, path)
+
+
+def read_backup(backup: Path, root: Path = ROOT) -> dict[Path, bytes | None]:
+    """{config path: its bytes before a one-off run's overrides (None: it did not exist)}; {} without a backup."""
+    try:
+        saved = json.loads(backup.read_text())
+    except FileNotFoundError:
+        return {}
+    return {root / rel: None if b64 is None else base64.b64decode(b64) for rel, b64 in saved.items()}
+
+
+def restore_backup(backup: Path, root: Path = ROOT) -> list[str]:
+    """Put the files saved in `backup` back byte for byte, then drop it; returns the paths restored.
+
+    Idempotent: killed half-way, the backup is still there and the next call finishes the job.
+    """
+    saved = read_backup(backup, root)
+    for path, original in saved.items():
+        if original is None:
+            path.unlink(missing_ok=True)
+        elif not path.exists() or path.read_bytes() != original:
+            _write_atomic(path, original)
+    backup.unlink(missing_ok=True)
+    return [str(p.relative_to(root)) for p in saved]
+
+
+@contextlib.contextmanager
+def one_off_overrides(overrides: dict[Path, dict[str, Any]], backup: Path, root: Path = ROOT) -> Iterator[None]:
+    """Write {config file: {key: value}} into those files for the length of the block only.
+
+    The originals are saved to `backup` (atomically) before any file is touched and put back when
+    the block ends, also on an exception. A SIGKILL skips the `finally`: the backup stays, and the
+    next run restores it before anything else (restore_backup).
+    """
+    paths = [path for path, kv in overrides.items() if kv]
+    if not paths:
+        yield
+        return
+    saved = {str(p.relative_to(root)): base64.b64encode(p.read_bytes()).decode() if p.exists() else None
+             for p in paths}
+    backup.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(backup, json.dumps(saved).encode())
+    try:
+        for path in paths:
+            write_overrides(path.stem, overrides[path], path)
+        yield
+    finally:
+        restore_backup(backup, root)
 
 
 def params_model(cls: type):

@@ -22,6 +22,8 @@ from forgeline.paths import ROOT, STATE
 from forgeline.tracking import init_tracking, tracking_uri
 
 LOCK = STATE / "pipeline.lock"
+# configs/ as they were before the running pipeline run wrote its one-off overrides (config.one_off_overrides)
+CONFIG_BACKUP = STATE / "config-backup.json"
 
 
 class WorkspaceBusy(RuntimeError):
@@ -169,28 +171,46 @@ def pipeline_run(name: str, stages: dict[str, type], overrides: dict[str, dict[s
     """Everything a pipeline run does around its stages, in order:
 
     1. check every stage config with its overrides (a bad one fails here, before any work);
-    2. hold the workspace (one pipeline run at a time);
-    3. write the overrides into configs/<stage>.yaml, where DVC sees them (like `dvc exp run -S`);
+    2. hold the workspace (one pipeline run at a time), and put back configs/ if an earlier run was
+       killed before it could;
+    3. write the overrides into configs/<stage>.yaml, where DVC sees them (like `dvc exp run -S`),
+       for this run only: the files are restored byte for byte when the run ends, failed or not;
     4. open the parent MLflow run that each stage's child run hangs from.
     Yields {'parent_run_id', 'flow_run_id'}.
     """
     import mlflow
+    import yaml
 
-    from forgeline.config import build_config, config_path, read_yaml, write_overrides
+    from forgeline.config import build_config, config_path, one_off_overrides, read_backup, read_yaml, restore_backup
 
+    # check against the configs as committed: a running (or killed) run may hold its overrides there now
+    hidden = read_backup(CONFIG_BACKUP)
     for stage, cls in stages.items():
-        build_config(cls, {**read_yaml(config_path(stage)), **overrides.get(stage, {})},
-                     where=f"{stage} config")
+        path = config_path(stage)
+        base = (yaml.safe_load(hidden[path] or b"") or {}) if path in hidden else read_yaml(path)
+        build_config(cls, {**base, **overrides.get(stage, {})}, where=f"{stage} config")
     with hold_workspace({"pipeline": name, "flow_run_id": flow_run_id}, wait_s=wait_s):
-        for stage, values in overrides.items():
-            if values:
-                write_overrides(stage, values)
-        close_orphaned_runs(init_tracking())
-        with mlflow.start_run(run_name=name, tags={
-                "forgeline.pipeline": name, "prefect.flow_run_id": flow_run_id, "forgeline.workspace": str(ROOT),
-                "git.commit": git_commit()}) as parent:
-            mlflow.log_dict(overrides, "overrides.json")
-            yield {"parent_run_id": parent.info.run_id, "flow_run_id": flow_run_id}
+        restored = restore_backup(CONFIG_BACKUP)
+        if restored:
+            print(f"restored {', '.join(restored)} to what they were before a pipeline run that did not finish "
+                  f"wrote its one-off overrides there", flush=True)
+        # The commit is taken before the overrides are written and pinned for every run below (stage
+        # processes inherit the variable): a config dirty only because of this run's own overrides
+        # would tag each of its runs `-dirty`, yet those values are recorded exactly (overrides.json
+        # on the parent run, each stage's params) and the file is put back after the run. Edits
+        # made by hand before the run still make it `-dirty`.
+        commit = git_commit()
+        os.environ["FORGELINE_GIT_COMMIT"] = commit
+        try:
+            with one_off_overrides({config_path(s): kv for s, kv in overrides.items()}, CONFIG_BACKUP):
+                close_orphaned_runs(init_tracking())
+                with mlflow.start_run(run_name=name, tags={
+                        "forgeline.pipeline": name, "prefect.flow_run_id": flow_run_id,
+                        "forgeline.workspace": str(ROOT), "git.commit": commit}) as parent:
+                    mlflow.log_dict(overrides, "overrides.json")
+                    yield {"parent_run_id": parent.info.run_id, "flow_run_id": flow_run_id}
+        finally:
+            os.environ.pop("FORGELINE_GIT_COMMIT", None)
 
 
 def close_orphaned_runs(exp_id: str) -> int:

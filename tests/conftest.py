@@ -52,6 +52,18 @@ def make_workspace(dst: Path) -> Path:
     return dst
 
 
+def commit_settings(ws: Path, settings: list[str]) -> None:
+    """Write `stage.key=value` settings into the workspace's configs/ and commit them: the values every
+    plain run there uses (a run's own overrides apply to that run only)."""
+    from forgeline.config import parse_overrides, write_overrides
+
+    for key, value in parse_overrides(settings).items():
+        stage, _, name = key.partition(".")
+        write_overrides(stage, {name: value}, ws / "configs" / f"{stage}.yaml")
+    git = ["git", "-c", "user.name=forgeline-test", "-c", "user.email=test@localhost"]
+    subprocess.run(git + ["commit", "-qam", "short settings for the tests"], cwd=ws, check=True)
+
+
 def workspace_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "PREFECT_", "FORGELINE_"))}

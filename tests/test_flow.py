@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import ALIGNMENT_FAST, cli_overrides, run_in, workspace_env
+from tests.conftest import ALIGNMENT_FAST, cli_overrides, commit_settings, run_in, workspace_env
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,10 @@ def mlflow_runs(ws):
 
 @pytest.fixture(scope="module")
 def first_run(workspace):
-    proc = run_in(workspace, "-m", "flows.llm", *FAST)  # pushes to the default remote at the end
+    # FAST is the workspace's own configs: a run's overrides apply to that run only, and the later
+    # plain runs here must find nothing changed
+    commit_settings(workspace, FAST)
+    proc = run_in(workspace, "-m", "flows.llm")  # pushes to the default remote at the end
     return workspace, proc
 
 
@@ -62,8 +65,6 @@ def test_first_run_runs_every_stage(first_run):
     # everything was pushed to the default (local directory) remote
     assert any((ws / ".dvcstore").rglob("*"))
     assert "in sync" in run_in(ws, sys.executable, "-m", "dvc", "status", "--cloud").stdout
-    # the overrides went where DVC sees them
-    assert yaml.safe_load((ws / "configs" / "pretrain.yaml").read_text())["max_steps"] == 12
 
 
 
@@ -160,6 +161,27 @@ def test_changing_a_chunk_parameter_reruns_from_chunk(first_run):
     # does everything trained from the base model; the chat data does not
     assert lines["pretrain"] == lines["evaluate"] == lines["sft"] == lines["reward"] == lines["rlhf"] == "ran"
     assert lines["chat_data"] == "skipped"
+    # the one-off value is what DVC recorded the outputs with; the file is back as committed
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert lock["chunk"]["params"]["configs/chunk.yaml"]["chunk_size"] == size + 100
+    assert run_in(ws, "git", "status", "--porcelain", "--untracked-files=no").stdout == ""
+
+
+def test_plain_run_after_a_one_off_run_uses_the_files_value(first_run):
+    """The chunk run above overrode chunk_size: the next plain run makes chunk's outputs with the file's
+    value again (DVC restores them from its run cache: the first run made exactly these)."""
+    ws, _ = first_run
+    size = yaml.safe_load((ws / "configs" / "chunk.yaml").read_text())["chunk_size"]
+    proc = run_in(ws, "-m", "flows.llm", "--no-push")
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert lock["chunk"]["params"]["configs/chunk.yaml"]["chunk_size"] == size, proc.stdout[-3000:]
+    client, runs = mlflow_runs(ws)
+    parent = [r for r in runs if r.data.tags.get("forgeline.pipeline") == "llm"][-1]
+    (chunk,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and r.data.tags["forgeline.stage"] == "chunk"]
+    made_by = client.get_run(chunk.data.tags.get("forgeline.reused_run_id") or chunk.info.run_id)
+    assert made_by.data.params["chunk_size"] == str(size)
+    assert made_by.data.tags["dvc.out.data/chunk"] == chunk.data.tags["dvc.out.data/chunk"]
 
 
 def test_unknown_config_key_fails_before_any_work(first_run):
