@@ -1,9 +1,11 @@
 """Ingest: read every raw document under `source` (a local folder or s3://bucket/prefix) into one
 table of plain text, and set aside what cannot be read. Text, Markdown and HTML (optionally
-gzip-compressed) are decoded here; PDFs and images are untrusted and are parsed in a child process
+gzip-compressed) are decoded here, in whatever encoding charset-normalizer detects; PDFs and images are untrusted and are parsed in a child process
 under an address-space limit and a wall-clock timeout. PDF pages without a usable text layer, and
 images, are rendered and OCR'd by tesseract, several pages at once, while the child renders on.
-A bad file becomes a quarantine row with a reason, never a failed run.
+A bad file becomes a quarantine row with a reason, never a failed run. Only regular files inside
+the source root are read: a link that leaves the root, and any fifo, device or socket, is
+quarantined unopened (a fifo would block the read forever).
 
 Outputs in out_dir: documents.parquet (one row per file; a PDF's pages joined by form feed "\\f"),
 quarantine.parquet (source, sha256, reason, detail) and summary.json (counts, pages/s).
@@ -12,6 +14,7 @@ quarantine.parquet (source, sha256, reason, detail) and summary.json (counts, pa
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -20,6 +23,7 @@ import posixpath
 import re
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -42,13 +46,21 @@ from forgeline.tracking import stage_run
 
 MB = 1 << 20
 REASONS = ("corrupt", "encrypted", "empty", "wrong_type", "oversized", "timeout",
-           "resource_limit", "ocr_failed", "unsupported")
+           "resource_limit", "ocr_failed", "unsupported", "outside_source")
 TEXT_KINDS = {".txt": "txt", ".md": "md", ".markdown": "md", ".html": "html", ".htm": "html"}
 PARSED_KINDS = {".pdf": "pdf", ".png": "image", ".jpg": "image", ".jpeg": "image",
                 ".tif": "image", ".tiff": "image"}
 MAGIC = [(b"%PDF-", "PDF"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"),
          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"),
          (b"\x7fELF", "ELF")]
+# a byte order mark names its encoding outright (UTF-32 LE's begins with UTF-16 LE's: test it first)
+BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16")]
+# charset-normalizer candidates whose mess ratio (0-1) is within this of the best one are a tie, and
+# on a tie cp1252 wins: it is the web's default for undeclared text (WHATWG), and Latin-1 text is
+# byte-identical to it. charset-normalizer 3.5 alone reads French cp1252 as cp1250 (à -> ŕ) and
+# short texts as cp775 or hp_roman8.
+CP1252_TIE = 0.1
 EXIT_MEMORY = 3  # the parser child's exit status after a MemoryError
 
 
@@ -169,22 +181,65 @@ def html_to_text(html: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
 
-def read_text(data: bytes, kind: str, gz: bool, limit: int) -> str:
-    """Bytes of a txt/md/html file -> text; raises Quarantine."""
+def detect_encoding(data: bytes) -> str:
+    """The legacy encoding of non-UTF-8 text, by charset-normalizer; raises Quarantine when unsure."""
+    from charset_normalizer import from_bytes
+
+    matches = list(from_bytes(data))  # best first; only candidates under 20% mess are returned
+    if not matches:
+        raise Quarantine("wrong_type", "not text: no encoding decodes it without mess (charset-normalizer)")
+    best = matches[0]
+    if any("cp1252" in m.could_be_from_charset for m in matches if m.chaos <= best.chaos + CP1252_TIE):
+        return "cp1252"
+    # otherwise the best must stand alone: equal mess and coherence with a different reading is a guess
+    rivals = [m.encoding for m in matches[1:8] if m.chaos <= best.chaos + 0.01
+              and m.coherence >= best.coherence - 0.01 and str(m) != str(best)]
+    if rivals:
+        raise Quarantine("wrong_type", f"ambiguous encoding: {best.encoding} and {', '.join(rivals)} "
+                                       "fit equally well (charset-normalizer)")
+    return best.encoding
+
+
+def decode(data: bytes) -> tuple[str, str, int]:
+    """(text, encoding, U+FFFD characters put in for undecodable bytes); raises Quarantine.
+
+    UTF-8 first. A file that is mostly UTF-8 (more valid multi-byte characters than invalid
+    sequences) is UTF-8 with a few damaged bytes: those become U+FFFD and are counted, rather than
+    the whole file turning to mojibake under a legacy encoding. Anything else goes to detect_encoding.
+    """
+    for bom, encoding in BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding), encoding, 0  # the codec drops the BOM
+            except UnicodeDecodeError as e:
+                raise Quarantine("wrong_type", f"not {encoding} despite its byte order mark: {e.reason}") from None
+    if b"\x00" in data:
+        raise Quarantine("wrong_type", "binary data (NUL bytes)")
+    try:
+        return data.decode("utf-8-sig"), "utf-8", 0  # strict; a leading BOM is dropped
+    except UnicodeDecodeError:
+        pass
+    text = data.decode("utf-8-sig", "replace")
+    replaced = text.count("\ufffd") - data.count("\ufffd".encode())
+    multibyte = len(text) - len(text.encode("ascii", "ignore")) - text.count("\ufffd")
+    if multibyte > replaced:
+        return text, "utf-8", replaced
+    encoding = detect_encoding(data)
+    return data.decode(encoding), codecs.lookup(encoding).name, 0
+
+
+def read_text(data: bytes, kind: str, gz: bool, limit: int) -> tuple[str, str, int]:
+    """Bytes of a txt/md/html file -> (text, encoding, replaced characters); raises Quarantine."""
     if gz:
         if not data.startswith(b"\x1f\x8b"):
             raise Quarantine("wrong_type", f"not gzip data ({sniff(data) or 'unknown'} content)")
         data = gunzip(data, limit)
+    # known binary formats first: charset-normalizer would happily "decode" some of them
     if (fmt := sniff(data)) is not None:
         raise Quarantine("wrong_type", f"{fmt} data in a {kind} file")
-    if b"\x00" in data:
-        raise Quarantine("wrong_type", "binary data (NUL bytes)")
-    try:
-        text = data.decode("utf-8-sig")  # strict; a leading BOM is dropped
-    except UnicodeDecodeError as e:
-        raise Quarantine("wrong_type", f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}") from None
+    text, encoding, replaced = decode(data)
     text = text.replace("\r\n", "\n")
-    return html_to_text(text) if kind == "html" else text
+    return (html_to_text(text) if kind == "html" else text), encoding, replaced
 
 
 # ---------------------------------------------------------------- parser child (PDF, images)
@@ -385,6 +440,8 @@ class Pending:
     kind: str = ""
     pages: list[str | Future] = field(default_factory=list)
     error: Quarantine | None = None
+    encoding: str | None = None  # of a text file; None for PDFs and images (pdfium and OCR give text)
+    replaced_chars: int = 0  # U+FFFD put in for undecodable bytes of a mostly-UTF-8 file
 
     def ocr_running(self) -> int:
         return sum(isinstance(p, Future) and not p.done() for p in self.pages)
@@ -419,9 +476,34 @@ class Pending:
             return {"source": self.source, "sha256": self.sha256, "reason": self.error.reason,
                     "detail": self.error.detail}
         return {"doc_id": self.sha256[:16], "source": self.source, "sha256": self.sha256,
-                "kind": self.kind, "pages": len(texts), "ocr": n_ocr > 0, "ocr_pages": n_ocr,
+                "kind": self.kind, "encoding": self.encoding, "replaced_chars": self.replaced_chars,
+                "pages": len(texts), "ocr": n_ocr > 0, "ocr_pages": n_ocr,
                 "ocr_confidence": sum(confs) / len(confs) if confs else math.nan,
                 "n_chars": len(text), "printable_ratio": ratio, "text": text}
+
+
+def read_local(path: str, limit: int) -> bytes:
+    """A local regular file's bytes, opened without following a link or blocking on a fifo.
+
+    list_files has set links and special files aside already; this holds should one appear
+    between the listing and the read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if os.path.islink(path):  # O_NOFOLLOW refuses a link (ELOOP)
+            raise Quarantine("outside_source", "became a symbolic link after listing: not followed") from None
+        raise Quarantine("corrupt", f"unreadable: {e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Quarantine("outside_source", f"special file ({file_type(st.st_mode)}): never read")
+        if st.st_size > limit:
+            raise Quarantine("oversized", f"{st.st_size:,} bytes > max_file_mb={limit / MB:g} MiB")
+        try:
+            return f.read(limit + 1)
+        except OSError as e:
+            raise Quarantine("corrupt", f"unreadable: {e}") from None
 
 
 def start_file(fs: Any, path: str, rel: str, cfg: IngestConfig, tmp: Path,
@@ -433,16 +515,22 @@ def start_file(fs: Any, path: str, rel: str, cfg: IngestConfig, tmp: Path,
     try:
         if kind is None:
             raise Quarantine("unsupported", f"unsupported file type {posixpath.splitext(rel)[1] or rel!r}")
-        size = fs.size(path)
-        if size > limit:
-            raise Quarantine("oversized", f"{size:,} bytes > max_file_mb={cfg.max_file_mb:g} MiB")
-        try:
-            data = fs.cat_file(path)
-        except OSError as e:
-            raise Quarantine("corrupt", f"unreadable: {e}") from None
+        if "file" in fs.protocol:
+            data = read_local(path, limit)
+        else:
+            size = fs.size(path)
+            if size > limit:
+                raise Quarantine("oversized", f"{size:,} bytes > max_file_mb={cfg.max_file_mb:g} MiB")
+            try:
+                data = fs.cat_file(path)
+            except OSError as e:
+                raise Quarantine("corrupt", f"unreadable: {e}") from None
+        if len(data) > limit:  # the file grew after its size was taken
+            raise Quarantine("oversized", f"over max_file_mb={cfg.max_file_mb:g} MiB")
         item.sha256, item.kind = hashlib.sha256(data).hexdigest(), kind
         if kind in TEXT_KINDS.values():
-            item.pages = [read_text(data, kind, gz, limit)]
+            text, item.encoding, item.replaced_chars = read_text(data, kind, gz, limit)
+            item.pages = [text]
             return item
         if kind == "pdf":  # readers accept a header anywhere in the first KiB
             fmt = "PDF" if b"%PDF-" in data[:1024] else sniff(data)
@@ -475,17 +563,63 @@ def start_file(fs: Any, path: str, rel: str, cfg: IngestConfig, tmp: Path,
     return item
 
 
-def list_files(fs: Any, root: str) -> list[tuple[str, str]]:
-    """Sorted (path, path relative to root) of every file under root."""
-    if fs.isfile(root):
-        return [(root, posixpath.basename(root))]
+def file_type(mode: int) -> str:
+    return next((name for test, name in ((stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"),
+                                         (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
+                                         (stat.S_ISDIR, "directory"))
+                 if test(mode)), "unknown type")
+
+
+def list_local(root: str) -> tuple[list[tuple[str, str, Quarantine | None]], int]:
+    """Walk a local source without following links: (path, rel, quarantine or None) per entry, and
+    the number of links skipped because their target, inside the root, is listed under its own path."""
+    real_root = os.path.realpath(root)
+
+    def inside(target: str) -> bool:
+        return os.path.commonpath([real_root, target]) == real_root
+
+    entries, skipped = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: a linked dir is not entered
+        for name in sorted(dirnames) + sorted(filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.path.realpath(path)
+                if not inside(target):
+                    what = "directory" if os.path.isdir(target) else "file"
+                    entries.append((path, rel, Quarantine(
+                        "outside_source", f"symbolic link to a {what} outside the source root ({target}): "
+                                          "not followed")))
+                elif not os.path.exists(target):
+                    entries.append((path, rel, Quarantine("corrupt", f"broken symbolic link to {target}")))
+                else:
+                    skipped += 1  # its target is ingested once, under the target's own path
+            elif stat.S_ISDIR(st.st_mode):
+                continue  # os.walk enters it
+            elif not stat.S_ISREG(st.st_mode):
+                entries.append((path, rel, Quarantine(
+                    "outside_source", f"special file ({file_type(st.st_mode)}): never opened")))
+            else:
+                entries.append((path, rel, None))
+    return sorted(entries, key=lambda e: e[1]), skipped
+
+
+def list_files(fs: Any, root: str) -> tuple[list[tuple[str, str, Quarantine | None]], int]:
+    """Sorted (path, path relative to root, quarantine or None) of every file under root, and the
+    number of links skipped (see list_local). Object stores have no links or special files."""
+    if "file" in fs.protocol and os.path.isdir(root):
+        return list_local(root)
+    if fs.isfile(root) or "file" in fs.protocol:  # a single file named as the source
+        return [(root, posixpath.basename(root), None)], 0
     root = root.rstrip("/")
-    return sorted((p, posixpath.relpath(p, root)) for p in fs.find(root))
+    return sorted((p, posixpath.relpath(p, root), None) for p in fs.find(root)), 0
 
 
 # ---------------------------------------------------------------- the stage
 DOC_COLUMNS = {"doc_id": "string", "source": "string", "sha256": "string", "kind": "string",
-               "pages": "int64", "ocr": "bool", "ocr_pages": "int64", "ocr_confidence": "float64",
+               "encoding": "string", "replaced_chars": "int64", "pages": "int64", "ocr": "bool",
+               "ocr_pages": "int64", "ocr_confidence": "float64",
                "n_chars": "int64", "printable_ratio": "float64", "text": "string"}
 QUARANTINE_COLUMNS = {"source": "string", "sha256": "string", "reason": "string", "detail": "string"}
 
@@ -509,12 +643,13 @@ def ingest(cfg: IngestConfig) -> dict:
     fs, root = fsspec.core.url_to_fs(cfg.source, **cfg.storage_options)
     if not fs.exists(root):
         raise FileNotFoundError(f"ingest source {cfg.source!r} does not exist")
-    files = list_files(fs, root)
+    files, links_skipped = list_files(fs, root)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     docs, quarantine = [], []
     width = len(str(len(files)))
-    print(f"ingest: {len(files)} files from {cfg.source}", flush=True)
+    inner = f" ({links_skipped} links inside the source skipped: their targets are listed)" if links_skipped else ""
+    print(f"ingest: {len(files)} files from {cfg.source}{inner}", flush=True)
 
     def finish(item: Pending, i: int) -> None:
         row = item.result(cfg)
@@ -524,7 +659,9 @@ def ingest(cfg: IngestConfig) -> dict:
         else:
             docs.append(row)
             ocr = f", {row['ocr_pages']} OCR'd ({row['ocr_confidence']:.0f}% conf)" if row["ocr"] else ""
-            note = f"{row['kind']}, {row['pages']} p{ocr}, {row['n_chars']} chars"
+            enc = f", {row['encoding']}" if row["encoding"] not in (None, "utf-8") else ""
+            bad = f", U+FFFD for {row['replaced_chars']} undecodable bytes" if row["replaced_chars"] else ""
+            note = f"{row['kind']}{enc}{bad}, {row['pages']} p{ocr}, {row['n_chars']} chars"
         print(f"[{i + 1:>{width}}/{len(files)}] {item.source}: {note}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp, \
@@ -532,8 +669,9 @@ def ingest(cfg: IngestConfig) -> dict:
         pending: deque[Pending] = deque()
         done = 0
         try:
-            for path, rel in files:
-                pending.append(start_file(fs, path, rel, cfg, Path(tmp), pool))
+            for path, rel, refused in files:
+                pending.append(Pending(rel, error=refused) if refused is not None
+                               else start_file(fs, path, rel, cfg, Path(tmp), pool))
                 # finish files in order as their OCR completes; a long OCR backlog holds back the
                 # next parse, so rendered pages do not pile up on disk
                 while pending and (pending[0].ocr_running() == 0

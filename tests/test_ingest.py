@@ -9,8 +9,11 @@ import gzip
 import io
 import json
 import math
+import os
 import random
+import socket
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -133,6 +136,10 @@ def test_good_files_all_become_documents(good):
         "notes/readme.txt": "txt", "pdf/rfaq-2p.pdf": "pdf", "scan/photo.png": "image",
         "scan/scan.pdf": "pdf"}
     assert (docs["doc_id"] == docs["sha256"].str[:16]).all()
+    enc = docs.set_index("source")["encoding"]
+    assert enc["notes/readme.txt"] == enc["notes/compressed.txt.gz"] == "utf-8"
+    assert enc[["pdf/rfaq-2p.pdf", "scan/photo.png"]].isna().all()  # pdfium and OCR give text, not bytes
+    assert (docs["replaced_chars"] == 0).all()
     assert docs["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
     assert summary["files"] == summary["documents"] == 7 and summary["pages"] == docs["pages"].sum()
 
@@ -265,6 +272,102 @@ def test_s3_source(tmp_path, monkeypatch):
         server.stop()
     assert docs["source"].tolist() == ["a.txt", "sub/r.pdf"] and docs["kind"].tolist() == ["txt", "pdf"]
     assert q[["source", "reason"]].values.tolist() == [["empty.md", "empty"]]
+
+
+# ---------------------------------------------------------------- links, special files, encodings
+def test_links_leaving_the_source_are_quarantined_unread(tmp_path):
+    outside = write(tmp_path / "outside", {"secret.txt": "SECRET-FILE root:x:0:0\n",
+                                           "dir/inner.txt": "SECRET-DIR contents\n"})
+    src = write(tmp_path / "src", {"ok.txt": "An ordinary document.\n", "sub/b.md": "# Inside\n"})
+    (src / "passwd.txt").symlink_to("/etc/passwd")  # the file a careless ingest would leak
+    (src / "secret.txt").symlink_to(outside / "secret.txt")
+    (src / "up.txt").symlink_to("../outside/secret.txt")  # relative, escaping by ..
+    (src / "elsewhere").symlink_to(outside / "dir", target_is_directory=True)
+    (src / "copy-of-ok.txt").symlink_to("ok.txt")  # inside the root: ingested once, as ok.txt
+    (src / "subdir-again").symlink_to(src / "sub", target_is_directory=True)
+    (src / "broken.txt").symlink_to(src / "missing.txt")
+    docs, q, summary = run(src, tmp_path / "out")
+    assert docs["source"].tolist() == ["ok.txt", "sub/b.md"]
+    assert q.set_index("source")["reason"].to_dict() == {
+        "broken.txt": "corrupt", "elsewhere": "outside_source", "passwd.txt": "outside_source",
+        "secret.txt": "outside_source", "up.txt": "outside_source"}
+    assert (q["sha256"] == "").all()  # never read
+    assert "directory outside" in q.set_index("source")["detail"]["elsewhere"]
+    cells = " ".join(map(str, [*docs.to_numpy().ravel(), *q.to_numpy().ravel()]))
+    assert "SECRET" not in cells and "root:x:0" not in cells
+    assert summary["quarantined_outside_source"] == 4 and summary["files"] == 7
+
+
+def test_special_files_are_quarantined_without_blocking(tmp_path):
+    src = write(tmp_path / "src", {"ok.txt": "An ordinary document.\n"})
+    os.mkfifo(src / "pipe.txt")  # reading it would wait for a writer forever
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(src / "sock.md"))
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(r=run(src, tmp_path / "out")), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    try:
+        assert not worker.is_alive(), "ingest blocked on the fifo"
+    finally:
+        if worker.is_alive():  # release a reader stuck in open(): give it a writer
+            os.close(os.open(src / "pipe.txt", os.O_WRONLY | os.O_NONBLOCK))
+        sock.close()
+    docs, q, _ = result["r"]
+    assert docs["source"].tolist() == ["ok.txt"]
+    detail = q.set_index("source")["detail"]
+    assert q.set_index("source")["reason"].to_dict() == {"pipe.txt": "outside_source", "sock.md": "outside_source"}
+    assert "fifo" in detail["pipe.txt"] and "socket" in detail["sock.md"]
+
+
+ENCODED = {  # file -> (text, bytes on disk, encoding recorded)
+    "cp1252.txt": (t := "\u201cSmart quotes\u201d cost 5 \u20ac at the caf\u00e9 \u2014 na\u00efve.\n",
+                   t.encode("cp1252"), "cp1252"),
+    # Latin-1 text (no bytes 0x80-0x9f) is byte-identical to cp1252, and recorded as cp1252
+    "latin1.md": (t := "Gr\u00fc\u00dfe aus K\u00f6ln, \u00e9t\u00e9 \u00e0 la plage. \u00abbonjour\u00bb\n",
+                  t.encode("latin-1"), "cp1252"),
+    "french.txt": (t := "Le caf\u00e9 co\u00fbte 5\u20ac. \u201cC\u2019est la vie\u201d, dit-il \u2014 \u00e0 l\u2019\u00e9t\u00e9.\n" * 20,
+                   t.encode("cp1252"), "cp1252"),
+    "russian.txt": (t := "\u0421\u044a\u0435\u0448\u044c \u0436\u0435 \u0435\u0449\u0451 \u044d\u0442\u0438\u0445 "
+                         "\u043c\u044f\u0433\u043a\u0438\u0445 \u0444\u0440\u0430\u043d\u0446\u0443\u0437\u0441\u043a\u0438\u0445 "
+                         "\u0431\u0443\u043b\u043e\u043a, \u0434\u0430 \u0432\u044b\u043f\u0435\u0439 \u0447\u0430\u044e.\n",
+                    t.encode("cp1251"), "cp1251"),
+    "utf16.txt": (t := "Notepad\u2019s \u201cUnicode\u201d: caf\u00e9.\n", t.encode("utf-16"), "utf-16"),
+    "utf8.txt": (t := "Plain UTF-8: caf\u00e9 \u2014 \u20ac.\n", t.encode(), "utf-8"),
+}
+
+
+def test_legacy_encodings_are_detected_and_recorded(tmp_path):
+    page = "<html><body><p>Caf\u00e9 cr\u00e8me \u2014 \u201cbr\u00fbl\u00e9e\u201d.</p></body></html>"
+    src = write(tmp_path / "src", {**{name: raw for name, (_, raw, _) in ENCODED.items()},
+                                   "page.html": page.encode("cp1252")})
+    docs, q, _ = run(src, tmp_path / "out")
+    assert q.empty, q.to_string()
+    docs = docs.set_index("source")
+    for name, (text, _, encoding) in ENCODED.items():
+        assert (docs.loc[name, "text"], docs.loc[name, "encoding"]) == (text, encoding), name
+    assert docs.loc["page.html", "text"] == "Caf\u00e9 cr\u00e8me \u2014 \u201cbr\u00fbl\u00e9e\u201d.\n"
+    assert docs.loc["page.html", "encoding"] == "cp1252" and (docs["replaced_chars"] == 0).all()
+
+
+def test_damaged_utf8_binary_and_unsure_encodings(tmp_path):
+    text = "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve \u00fcber. "
+    src = write(tmp_path / "src", {
+        # mostly UTF-8 with one bad byte: kept as UTF-8, the byte becomes U+FFFD (not cp932 mojibake)
+        "damaged.txt": text.encode() * 3 + b"\xff and on.\n",
+        "binary.txt": bytes(b for b in random.Random(0).randbytes(4096) if b),  # no NULs to give it away
+        "binary.md": bytes(range(1, 256)) * 8,
+        # seven bytes of cp1251 read equally well as Big5, Shift JIS, GB18030...: not confident
+        "short-cyrillic.txt": "\u043f\u0440\u0438\u0432\u0435\u0442\n".encode("cp1251"),
+    })
+    docs, q, _ = run(src, tmp_path / "out")
+    assert docs["source"].tolist() == ["damaged.txt"]
+    damaged = docs.iloc[0]
+    assert damaged["text"] == text * 3 + "\ufffd and on.\n"
+    assert (damaged["encoding"], damaged["replaced_chars"]) == ("utf-8", 1)
+    assert q.set_index("source")["reason"].to_dict() == {
+        "binary.md": "wrong_type", "binary.txt": "wrong_type", "short-cyrillic.txt": "wrong_type"}
+    assert "ambiguous encoding" in q.set_index("source")["detail"]["short-cyrillic.txt"]
 
 
 # ---------------------------------------------------------------- config and helpers
