@@ -9,7 +9,7 @@
 Shapes: B batch, T tokens, C n_embd, V vocab_size.
 
     rm = RewardModel(GPTConfig(...)); scores = rm(idx, last)          # (B,)
-    ac = PolicyWithValue(gpt); logits, values = ac(idx)              # (B, T, V), (B, T)
+    ac = PolicyWithValue(gpt); h, values = ac(idx)                   # (B, T, C), (B, T)
 """
 from __future__ import annotations
 
@@ -68,6 +68,10 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """idx (B, T) -> next-token logits (B, T, V) and values (B, T), fp32."""
+        """idx (B, T) -> hidden states (B, T, C) and values (B, T), fp32 values.
+
+        The caller applies `gpt.lm_head` where it needs logits: PPO only at reply positions,
+        a few of each row's tokens, where the head over all of them would cost more than the trunk.
+        """
         h = self.gpt.hidden(idx)
-        return self.gpt.lm_head(h).float(), self.value_head(h.detach()).squeeze(-1).float()
+        return h, self.value_head(h.detach()).squeeze(-1).float()

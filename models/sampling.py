@@ -1,8 +1,8 @@
 """Decoding for models with the models/gpt.py interface: greedy, sampling and beam search.
 
-Every generator in Forgeline calls `generate`. It takes a model whose `model(idx, kv_cache=cache)`
-returns `(logits (B, T, V), _)` and extends a `models.gpt.KVCache`, and a list of prompts (token
-id lists, any lengths). Settings live in one `GenerationConfig`:
+Every generator in Forgeline calls `generate`. It takes a model with the `GPT.hidden(idx, kv_cache,
+positions, mask)` trunk (extending a `models.gpt.KVCache`) and an `lm_head`, and a list of prompts
+(token id lists, any lengths). Settings live in one `GenerationConfig`:
 
 - greedy (temperature=0) or sampling: repetition penalty (Keskar et al. 2019, CTRL, §4.1), then
   temperature, top-k (Fan et al. 2018), top-p / nucleus (Holtzman et al. 2020, arXiv:1904.09751);
@@ -15,12 +15,10 @@ id lists, any lengths). Settings live in one `GenerationConfig`:
     cfg = GenerationConfig(max_new_tokens=48, temperature=0.8, top_p=0.95, stop_tokens=(1,), seed=0)
     outs = generate(model, [[17, 5, 9], [4]], cfg)      # one list of new tokens per prompt
 
-Prompts of different lengths. models/gpt.py's forward has neither a key padding mask nor per-row
-positions (what a ragged batch needs: `forward(idx, kv_cache, positions (B, T), key_mask (B, S))`).
-Equal-length batches use the model's own forward. Ragged ones are left-padded and run through
-`padded_forward` below, which walks the same modules as `GPT.forward` with a mask that hides pad
-keys and positions that start at 0 on each row's first real token; if GPT.forward gains those two
-arguments, `padded_forward` becomes one call.
+Prompts of different lengths are left-padded into one batch and run through `padded_forward`
+below: `GPT.hidden` with per-row positions that start at 0 on each row's first real token and a
+mask that hides pad keys. Equal-length batches run the trunk as it is. Either way only the last
+position goes through the LM head.
 """
 from __future__ import annotations
 
@@ -115,6 +113,19 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, cfg: Generat
     return top_p_filter(top_k_filter(logits, cfg.top_k), cfg.top_p)
 
 
+def sample_rows(probs: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs (N, V) by inverse transform: the first token whose cumulative
+    probability exceeds a uniform draw. One random number per row: torch.multinomial draws V
+    exponentials per row, which took a quarter of a sampled decode step at V=4096.
+    A token of probability 0 is never drawn (its cumulative mass equals its predecessor's)."""
+    cdf = probs.double().cumsum(dim=-1)                                    # fp64: 4096 fp32 terms drift
+    u = torch.rand(probs.size(0), 1, generator=gen, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    # u can round up to the total mass: fall back to the row's last token with nonzero probability
+    last = (probs > 0).cumsum(dim=-1).argmax(dim=-1)
+    return torch.minimum(idx, last)
+
+
 # ----------------------------------------------------------------------------- batched forward
 
 
@@ -172,8 +183,9 @@ class _Batch:
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (N, T) new tokens -> next-token logits (N, V), fp32."""
         if not self.ragged:
-            logits, _ = self.model(idx, kv_cache=self.cache)
-            return logits[:, -1].float()
+            # the trunk, then the LM head on the last position only: on a 40-token prompt the
+            # head over every position would cost more than the 4-layer trunk of `tiny`
+            return self.model.lm_head(self.model.hidden(idx, self.cache)[:, -1]).float()
         slots = torch.arange(self.cache.length, self.cache.length + idx.size(1), device=idx.device)
         pos = (slots[None, :] - self.offset[:, None]).clamp(min=0)
         return padded_forward(self.model, idx, self.cache, pos, self.key_valid).float()
@@ -212,27 +224,29 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> 
     stops = torch.tensor(cfg.stop_tokens, dtype=torch.long, device=device)
     N = len(prompts) * cfg.num_return_sequences
     out = torch.full((N, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=device)
-    done = torch.zeros(N, dtype=torch.bool, device=device)
     lengths = torch.full((N,), cfg.max_new_tokens, dtype=torch.long, device=device)
+    live = torch.arange(N, device=device)      # the output row of each batch row still generating
 
     logits = batch.prefill(cfg.num_return_sequences)
     seen = batch.seen(logits.size(-1)) if cfg.repetition_penalty != 1.0 else None
     for t in range(cfg.max_new_tokens):
         logits = process_logits(logits, seen, cfg)
-        if cfg.temperature == 0:
-            nxt = logits.argmax(dim=-1)
-        else:
-            nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(1)
-        nxt = nxt.masked_fill(done, cfg.pad_token_id)
-        out[:, t] = nxt
-        if len(cfg.stop_tokens):
-            hit = torch.isin(nxt, stops) & ~done
-            lengths = torch.where(hit, t + 1, lengths)
-            done |= hit
-            if bool(done.all()):
-                break
+        nxt = logits.argmax(dim=-1) if cfg.temperature == 0 else sample_rows(logits.softmax(dim=-1), gen)
+        out[live, t] = nxt
         if t + 1 == cfg.max_new_tokens:
             break
+        if len(cfg.stop_tokens):
+            going = ~torch.isin(nxt, stops)
+            if not bool(going.all()):
+                # a row that stopped leaves the batch (and its cache): replies end at different
+                # lengths, and the batch then shrinks instead of decoding pads to max_new_tokens
+                lengths[live[~going]] = t + 1
+                if not bool(going.any()):
+                    break
+                rows = going.nonzero().squeeze(1)
+                batch.reorder(rows)
+                live, nxt = live[rows], nxt[rows]
+                seen = seen[rows] if seen is not None else None
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
         logits = batch.forward(nxt[:, None])

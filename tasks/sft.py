@@ -27,6 +27,7 @@ from forgeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, 
 from forgeline.config import ConfigError, config_dict, load_config
 from forgeline.workspace import run_stage
 from models.gpt import GPT, linear_cross_entropy
+from models.sampling import GenerationConfig, generate as sample
 from tasks.chat_data import PAD, decode_reply, encode_chat, is_correct, load_tokenizer, read_jsonl
 from tasks.pretrain import lr_at
 
@@ -141,26 +142,17 @@ def held_out_loss(model: GPT, examples: list, pad_id: int, batch_size: int) -> f
 
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, end_id: int,
-             temperature: float = 0.0, batch_size: int = 128) -> list[list[int]]:
+             temperature: float = 0.0, batch_size: int = 512) -> list[list[int]]:
     """Each prompt's continuation, cut after its first <|end|> (kept) or at max_new_tokens.
 
-    model.generate takes no padding mask, so prompts are batched by equal token length.
-    temperature 0 is greedy; otherwise sampling draws on torch's global RNG.
+    Prompts of any lengths go batch_size at a time through models/sampling.py (left-padded, one
+    KV cache, a batch ends once every row has its <|end|>). temperature 0 is greedy; otherwise
+    sampling draws on torch's global RNG.
     """
     was_training = model.training
     model.eval()
-    out: list[list[int] | None] = [None] * len(prompts)
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    for length in sorted(by_len):
-        rows = by_len[length]
-        for b in range(0, len(rows), batch_size):
-            chunk = rows[b:b + batch_size]
-            idx = torch.tensor([prompts[i] for i in chunk])
-            gen = model.generate(idx, max_new_tokens, temperature=temperature)[:, length:].tolist()
-            for i, g in zip(chunk, gen):
-                out[i] = g[:g.index(end_id) + 1] if end_id in g else g
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_tokens=(end_id,))
+    out = [g for b in range(0, len(prompts), batch_size) for g in sample(model, prompts[b:b + batch_size], cfg)]
     model.train(was_training)
     return out
 

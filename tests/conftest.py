@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # the alignment stages in the pipeline tests: a few steps each on a small chat dataset (the demo
-# and scripts/alignment_demo.sh train them as configs/ say; tests/test_{sft,reward,rlhf}.py measure gains)
+# and bench/bench_alignment.py train them as configs/ say; tests/test_{sft,reward,rlhf}.py measure gains)
 ALIGNMENT_FAST = {
     "chat_data": {"train_per_task": 40, "val_per_task": 6},
     "sft": {"max_steps": 4, "batch_size": 8, "eval_interval": 2, "ckpt_interval": 2, "log_interval": 2},

@@ -10,8 +10,8 @@ import torch
 
 import models.sampling
 from models.gpt import GPT, GPTConfig
-from models.sampling import (GenerationConfig, apply_repetition_penalty, beam_search, generate, top_k_filter,
-                             top_p_filter)
+from models.sampling import (GenerationConfig, apply_repetition_penalty, beam_search, generate, sample_rows,
+                             top_k_filter, top_p_filter)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 9, 11, 3, 7, 8, 9], [4], [12, 13, 14], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
@@ -88,6 +88,15 @@ def test_top_k_filter_keeps_ties_and_k_zero_is_off():
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 2.0]])
     assert (top_k_filter(logits, 2) > float("-inf")).tolist() == [[False, True, True, False, False]]
     assert torch.equal(top_k_filter(logits, 0), logits)
+
+
+def test_sample_rows_draws_each_token_at_its_probability():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.1, 0.2, 0.3, 0.4, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    n = 40000
+    drawn = sample_rows(probs.repeat(n, 1), torch.Generator().manual_seed(0)).view(n, 3)
+    freq = torch.stack([torch.bincount(drawn[:, i], minlength=5) for i in range(3)]).float() / n
+    assert (freq[probs == 0] == 0).all()                 # a zero-probability token is never drawn
+    assert torch.allclose(freq, probs, atol=0.01)        # 4 standard errors at p = 0.5
 
 
 @pytest.mark.parametrize("seed", range(2))
