@@ -19,7 +19,7 @@ from tasks.reward import RewardConfig, encode_pairs, reward
 from tasks.rlhf import (RLHFConfig, centre_by_prompt, dpo_loss, gae, ppo_policy_loss, reply_batch, rlhf,
                         sequence_logprobs)
 from tasks.sft import sft
-from tests.test_sft import make_world, tiny_sft
+from tests.test_sft import ROOT, make_world, tiny_sft
 
 
 # ----------------------------------------------------------------------------- losses
@@ -205,3 +205,45 @@ def test_ppo_exact_resume_after_crash(world, tmp_path):
     b = load_file(Path(crashed.out_dir) / "model.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------- the alignment benchmark
+
+
+def test_alignment_bench_retrains_a_run_when_the_sft_or_reward_model_changes(tmp_path, monkeypatch):
+    import yaml
+
+    import bench.bench_alignment as ba
+
+    def lock(sft_md5: str) -> None:
+        (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"rlhf": {
+            "deps": [{"path": "data/sft", "md5": sft_md5}, {"path": "data/reward", "md5": "r1"}],
+            "params": {"configs/rlhf.yaml": {"lr": 0.0002}}}}}))
+
+    trained = []
+
+    def fake_run(cmd, cwd, check, env=None):   # the rlhf stage's CLI: writes metrics.json to out_dir
+        out = tmp_path / next(a for a in cmd if a.startswith("out_dir="))[len("out_dir="):]
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text("{}")
+        trained.append(out.name)
+
+    monkeypatch.setattr(ba, "ROOT", tmp_path)
+    monkeypatch.setattr(ba.subprocess, "run", fake_run)
+    (tmp_path / "data").mkdir()
+    lock("s1")
+    first = ba.train("dpo", ba.RUNS["dpo"], ba.stage_state())
+    assert ba.train("dpo", ba.RUNS["dpo"], ba.stage_state()) == first and len(trained) == 1   # up to date: reused
+    ba.train("dpo_control", ba.RUNS["dpo_control"], ba.stage_state())
+    lock("s2")                                                                                  # a new SFT model
+    second = ba.train("dpo", ba.RUNS["dpo"], ba.stage_state())
+    assert second != first and trained[-1] == second.name and not first.exists()               # retrained, stale gone
+    assert (tmp_path / "data" / trained[1]).exists()             # another run's folder is not "dpo"'s stale one
+
+
+def test_alignment_bench_runs_plain_ppo_at_the_lr_the_config_gives_it():
+    import bench.bench_alignment as ba
+
+    lr_line = next(line for line in (ROOT / "configs/rlhf.yaml").read_text().splitlines() if line.startswith("lr:"))
+    assert f"ptx_coef=0) wants lr={ba.PLAIN_PPO_LR}" in lr_line
+    assert f"lr={ba.PLAIN_PPO_LR}" in ba.RUNS["ppo_plain"] and "ptx_coef=0" in ba.RUNS["ppo_plain"]
