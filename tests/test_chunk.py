@@ -284,13 +284,19 @@ def test_chunk_stage_schema_and_summary(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the validation gate
-def validated(tmp_path, min_chars: int = 1) -> ChunkConfig:
-    """DOCS as an ingest table, run through the real validate stage; the chunk config that reads it."""
-    texts = list(DOCS.values())
-    pd.DataFrame({"doc_id": list(DOCS), "text": texts,
+def write_ingest_table(path, docs: dict[str, str]) -> str:
+    """`docs` as ingest's documents table, with the columns validate checks; returns the path."""
+    texts = list(docs.values())
+    pd.DataFrame({"doc_id": list(docs), "text": texts,
                   "sha256": [hashlib.sha256(t.encode()).hexdigest() for t in texts],
                   "ocr_confidence": [None] * len(texts), "printable_ratio": [1.0] * len(texts),
-                  }).to_parquet(tmp_path / "documents.parquet")
+                  }).to_parquet(path)
+    return str(path)
+
+
+def validated(tmp_path, min_chars: int = 1) -> ChunkConfig:
+    """DOCS as an ingest table, run through the real validate stage; the chunk config that reads it."""
+    write_ingest_table(tmp_path / "documents.parquet", DOCS)
     vcfg = ValidateConfig(documents=str(tmp_path / "documents.parquet"), out_dir=str(tmp_path / "validate"),
                           min_chars=min_chars)
     try:

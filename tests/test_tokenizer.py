@@ -15,7 +15,7 @@ from tasks.chunk import ChunkConfig, chunk
 from tasks.tokenizer import (EOT, SPECIAL_TOKENS, TokenizerConfig, encode_documents, line_pieces,
                              rebuild_documents, tokenizer)
 from tests.conftest import run_in
-from tests.test_chunk import DOCS, prose
+from tests.test_chunk import DOCS, prose, write_ingest_table
 
 TRAIN_ONLY, VAL_ONLY = "quokkaquokka", "zyzzyvazyzzyva"  # each repeated in one split only
 
@@ -175,8 +175,10 @@ def test_config_yaml_loads_and_bad_values_fail():
 
 @pytest.mark.slow
 def test_cli_chunk_then_tokenizer_log_to_mlflow(stage, workspace):
-    """`python -m tasks.chunk` and `python -m tasks.tokenizer` run and log into the workspace's store."""
-    docs = str(Path(stage["cfg"].chunks).parent.parent / "documents.parquet")
+    """`python -m tasks.validate`, `tasks.chunk` and `tasks.tokenizer` by hand, in that order (chunk
+    refuses documents validate has not passed), run and log into the workspace's store."""
+    docs = write_ingest_table(workspace / "documents.parquet", stage["docs"])
+    run_in(workspace, "-m", "tasks.validate", f"documents={docs}", "min_chars=1")  # DOCS has a short one
     run_in(workspace, "-m", "tasks.chunk", f"documents={docs}", "out_dir=data/chunk", "chunk_size=500")
     run_in(workspace, "-m", "tasks.tokenizer", "vocab_size=300")
     meta = json.loads((workspace / "data/tokenizer/meta.json").read_text())
