@@ -133,6 +133,17 @@ class StagePlan:
         return bool(self.reasons)
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as YAML values: dvc.lock read by PyYAML (YAML 1.1) gives '5e-05' where the config's
+    reader gives 5e-05 (YAML 1.1 wants a dot in a float; DVC writes YAML 1.2)."""
+    if isinstance(a, str) != isinstance(b, str):
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
 def _params_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     out = []
     for k in sorted(set(old) | set(new)):
@@ -140,7 +151,7 @@ def _params_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             out.append(f"param {k} removed (was {old[k]!r})")
         elif k not in old:
             out.append(f"param {k} added: {new[k]!r}")
-        elif old[k] != new[k]:
+        elif not _same(old[k], new[k]):
             out.append(f"param {k}: {old[k]!r} -> {new[k]!r}")
     return out
 
