@@ -21,7 +21,6 @@ from typing import Any
 import yaml
 
 from forgeline.config import ConfigError, _check, parse_overrides, read_yaml
-from forgeline.lineage import read_lock
 from forgeline.paths import ROOT, config_path
 
 TRAINING = ("pretrain", "sft", "reward", "rlhf")
@@ -134,8 +133,8 @@ class StagePlan:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal as YAML values: dvc.lock read by PyYAML (YAML 1.1) gives '5e-05' where the config's
-    reader gives 5e-05 (YAML 1.1 wants a dot in a float; DVC writes YAML 1.2)."""
+    """Equal as YAML values: an override read as YAML 1.1 (forgeline.config) is '5e-05' where DVC's
+    YAML 1.2 reads 5e-05 (1.1 wants a dot in a float)."""
     if isinstance(a, str) != isinstance(b, str):
         try:
             return float(a) == float(b)
@@ -193,7 +192,13 @@ def plan(stages: list[str], configs: dict[str, dict[str, Any]], overrides: dict[
     not in dvc.lock, DVC finds a dep changed or an out missing, its params (its YAML with the
     overrides) differ from those dvc.lock recorded, or a stage whose outputs it reads reruns.
     """
-    lock, graph = read_lock(root), stage_graph(root / "dvc.yaml")
+    from dvc.utils.serialize import parse_yaml
+
+    def dvc_yaml(path: Path) -> dict[str, Any]:
+        # as DVC reads them (ruamel, YAML 1.2): PyYAML reads dvc.lock's `no` as False and 5e-05 as a string
+        return (parse_yaml(path.read_text(), str(path)) or {}) if path.exists() else {}
+
+    lock, graph = dvc_yaml(root / "dvc.lock").get("stages", {}), stage_graph(root / "dvc.yaml")
     status = _dvc_status([s for s in stages if s in lock], root)
     plans = {s: StagePlan(s) for s in stages}
     for s in stages:
@@ -211,7 +216,7 @@ def plan(stages: list[str], configs: dict[str, dict[str, Any]], overrides: dict[
                         p.reasons.append(f"{kind.removeprefix('changed ').rstrip('s')} {path} {what}")
         for pfile in graph[s]["params"]:
             old = lock[s].get("params", {}).get(pfile, {})
-            new = {**read_yaml(root / pfile), **overrides.get(s, {})}
+            new = {**dvc_yaml(root / pfile), **overrides.get(s, {})}
             p.reasons.extend(_params_diff(old, new))
     # DVC compares each stage with dvc.lock alone; a rerun upstream makes new outputs downstream reads
     for s in stages:
