@@ -54,7 +54,7 @@ class RewardConfig:
     max_new_tokens: int = 16              # sampled reply length cap
     # optimisation
     batch_size: int = 32                  # pairs per step (2x sequences)
-    max_steps: int = 1000
+    max_steps: int = 500
     lr: float = 5e-4
     min_lr: float = 5e-5
     warmup_steps: int = 20
