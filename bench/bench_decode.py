@@ -16,22 +16,19 @@ table and writes bench/results/decode.json. Target: ours >= 1.0x transformers on
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
+from bench import machine, write_result
 from models.gpt import GPT, GPTConfig
 from models.llama_export import export_llama
 from models.sampling import GenerationConfig, beam_search, generate
 
-RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
 TARGET_SPEEDUP = 1.0
 PROMPT_LEN = 32
 GREEDY_NEW = 96    # tokens generated per greedy call (prompt + new = block_size 128)
@@ -51,9 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    started = machine()
 
     import transformers
 
@@ -102,11 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
             })
 
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "load_avg_1m": os.getloadavg()[0]},
+        "threads": torch.get_num_threads(), "platform": platform.platform(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
         "settings": {"preset": args.preset, "config": asdict(cfg), "prompt_len": PROMPT_LEN,
                      "greedy_new_tokens": GREEDY_NEW, "beam_new_tokens": BEAM_NEW, "num_beams": NUM_BEAMS,
                      "rounds": args.rounds, "hf_attention": "sdpa", "dtype": "float32"},
@@ -119,8 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         unit = (f"{r['ours_tokens_per_s']:,.0f} tok/s", f"{r['transformers_tokens_per_s']:,.0f} tok/s") \
             if r["case"] == "greedy" else (f"{r['ours_s'] * 1e3:,.0f} ms", f"{r['transformers_s'] * 1e3:,.0f} ms")
         print(f"| {r['case']} | {r['batch']} | {unit[0]} | {unit[1]} | {r['speedup']:.2f}x / {r['speedup_median']:.2f}x |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result("decode", result, started)
     return result
 
 

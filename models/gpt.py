@@ -154,15 +154,7 @@ class Dropout(nn.Module):
         return x * (keep * scale).to(x.dtype)
 
 
-_CAUSAL: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def causal_bias(T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(T, T) additive mask, 0 on and below the diagonal and -inf above; built once per shape."""
-    key = (T, device, dtype)
-    if key not in _CAUSAL:
-        _CAUSAL[key] = torch.full((T, T), float("-inf"), device=device, dtype=dtype).triu(1)
-    return _CAUSAL[key]
+ATTN_QUERY_BLOCK = 128  # query rows per block in attention_with_dropout
 
 
 def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
@@ -171,17 +163,24 @@ def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p:
     What SDPA computes for is_causal=True, dropout_p=p, but SDPA's CPU kernels take no dropout and
     fall back to a path that builds the mask each call, scales q and k apart, guards against fully
     masked rows (three more passes over the (B, H, T, T) weights) and draws a float per weight.
-    Here the scale and the cached causal mask ride in the q k^T GEMM (baddbmm), the dropout mask
-    is a bool from `dropout_keep`, and its 1/keep scale is applied to the (B, H, T, D) output.
+    Here queries go in blocks of ATTN_QUERY_BLOCK rows, each against only the keys it can see (at
+    T = 256 that skips a quarter of the scores: their GEMMs, softmax and dropout draws); the scale
+    and the block's causal mask ride in the q k^T GEMM (baddbmm), the dropout mask is a bool from
+    `dropout_keep`, and its 1/keep scale is applied to the (B, H, T, D) output.
     """
     B, H, T, D = q.shape
-    bias = causal_bias(T, q.device, q.dtype).expand(B * H, T, T)
-    scores = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2),
-                           alpha=1.0 / math.sqrt(D))
-    weights = torch.softmax(scores, dim=-1)
-    keep, scale = dropout_keep(weights.shape, p, q.device)
-    y = torch.bmm(weights * keep, v.reshape(B * H, T, D)) * scale
-    return y.view(B, H, T, D)
+    q, k, v = (t.reshape(B * H, T, D) for t in (q, k, v))
+    blocks, scale = [], 1.0
+    for start in range(0, T, ATTN_QUERY_BLOCK):
+        end = min(start + ATTN_QUERY_BLOCK, T)
+        # query start + i sees keys 0 .. start + i
+        bias = torch.full((end - start, end), float("-inf"), device=q.device, dtype=q.dtype).triu(start + 1)
+        scores = torch.baddbmm(bias, q[:, start:end], k[:, :end].transpose(1, 2), alpha=1.0 / math.sqrt(D))
+        weights = torch.softmax(scores, dim=-1)
+        keep, scale = dropout_keep(weights.shape, p, q.device)
+        blocks.append(torch.bmm(weights * keep, v[:, :end]))
+    y = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+    return (y * scale).view(B, H, T, D)
 
 
 # ----------------------------------------------------------------------------- attention

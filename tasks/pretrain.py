@@ -64,7 +64,9 @@ class PretrainConfig:
     ckpt_interval: int = 50                 # steps between checkpoints
     keep_checkpoints: int = 2
     log_interval: int = 10
-    peak_flops: float = 0.0                 # FLOP/s per process for MFU; 0 = measure matmuls at start
+    # MFU's denominator: the best matmul FLOP/s one process reaches in the training dtype (bench.bench_gpt
+    # measures it); 0 = a 0.5 s probe at start, which reads low when the machine is busy (MFU then high)
+    peak_flops: float = 0.0
     seed: int = 1337
 
     def check(self) -> None:
@@ -187,7 +189,6 @@ def pretrain(cfg: PretrainConfig, log=None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
-    # a start-up probe on a busy machine reads low (MFU then reads high): set peak_flops to pin it
     peak = cfg.peak_flops or matmul_peak_flops(torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     t_start, t_last, last_step = time.perf_counter(), time.perf_counter(), step

@@ -292,3 +292,16 @@ def test_dropout_drops_p_keeps_the_mean_and_follows_the_seed():
     for lane in (a == 0).float().view(-1, 4).mean(0):    # each 16-bit lane of a 64-bit draw is fair
         assert abs(lane.item() - 0.2) < 0.01
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_attention_with_dropout_in_query_blocks_is_causal_sdpa(monkeypatch):
+    """Query blocks see only the keys up to their last row: blocks of 4 over 18 positions (a ragged
+    last block) must still give SDPA's causal attention and its gradients."""
+    monkeypatch.setattr(models.gpt, "ATTN_QUERY_BLOCK", 4)
+    q, k, v = (torch.randn(2, 3, 18, 8, requires_grad=True) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    got = models.gpt.attention_with_dropout(q, k, v, 0.0)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got.square().sum(), (q, k, v)),
+                    torch.autograd.grad(want.square().sum(), (q, k, v))):
+        torch.testing.assert_close(g, w)
