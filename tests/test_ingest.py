@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw, ImageFont
 from forgeline.config import ConfigError, load_config
 from forgeline.paths import ROOT
 from tasks.ingest import (DOC_COLUMNS, REASONS, IngestConfig, gunzip, html_to_text, ingest,
-                          printable_ratio, Quarantine, tsv_to_text)
+                          otsu_threshold, prepare_page, printable_ratio, Quarantine, skew_angle,
+                          tsv_to_text)
 
 R_FAQ = ROOT / "data" / "raw" / "pdf" / "R-FAQ.pdf"
 SCAN_LINES = ["The quick brown fox jumps over the lazy dog.",
@@ -166,6 +167,21 @@ def test_scanned_pdf_and_image_are_ocrd(good):
     photo = docs.loc["scan/photo.png"]
     assert photo["ocr"] and "Forgeline warehouse" in photo["text"] and photo["ocr_confidence"] > 50
     assert good[2]["ocr_pages"] == 2 and good[2]["ocr_confidence"] > 50
+
+
+def test_tilted_scan_is_straightened_and_its_paper_whitened():
+    import numpy as np
+
+    tilted = scan_image().rotate(1.5, resample=Image.Resampling.BICUBIC, fillcolor=235)
+    small = np.asarray(tilted.reduce(4))
+    assert skew_angle(small < otsu_threshold(small), 5.0) == pytest.approx(1.5, abs=0.1)
+    assert skew_angle(np.zeros((50, 50), bool), 5.0) == 0.0  # nothing to line up
+    kept, straight = prepare_page(tilted, 0.0), prepare_page(tilted, 5.0)
+    # a tilted line of text spans more pixel rows than the same line level
+    rows_with_ink = [int((page < 128).any(axis=1).sum()) for page in (kept, straight)]
+    assert rows_with_ink[1] < 0.8 * rows_with_ink[0]
+    assert (straight[straight > 200] == 255).all()  # paper (235 and noise) is pure white
+    assert (straight < 40).any()  # ink keeps its own grey level: not binarised
 
 
 # ---------------------------------------------------------------- bad files
