@@ -67,12 +67,27 @@ def static_dataclass(path: Path, name: str) -> dict[str, tuple[str, Any]]:
             value = _literal(node.value, names)
             if not isinstance(value, Unread):
                 names[node.targets[0].id] = value
+    imported = {alias.asname or alias.name: node.module for node in tree.body
+                if isinstance(node, ast.ImportFrom) and node.module for alias in node.names}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == name:
-            return {item.target.id: (ast.unparse(item.annotation), _literal(item.value, names))
-                    for item in node.body
-                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value}
+            fields: dict[str, tuple[str, Any]] = {}
+            # dataclass fields of the bases come first, the last base's first (Python's MRO order
+            # for the bases a stage config combines, e.g. RLHFConfig(PPOConfig, DPOConfig))
+            for base in reversed(node.bases):
+                where = path if base.id not in imported else module_path(imported[base.id])
+                fields.update(static_dataclass(where, base.id))
+            fields.update({item.target.id: (ast.unparse(item.annotation), _literal(item.value, names))
+                           for item in node.body
+                           if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value})
+            return fields
     raise ConfigError(f"{path}: no class {name}")
+
+
+def module_path(module: str) -> Path:
+    """The file of an in-repo module: `tasks.sft` -> tasks/sft.py, a package -> its __init__.py."""
+    base = ROOT / module.replace(".", "/")
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
 
 
 def flow_stages(flow_file: Path) -> dict[str, tuple[Path, str]]:
@@ -83,7 +98,7 @@ def flow_stages(flow_file: Path) -> dict[str, tuple[Path, str]]:
              for alias in node.names}
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "STAGES" for t in node.targets):
-            return {ast.literal_eval(k): (ROOT / (where[v.id].replace(".", "/") + ".py"), v.id)
+            return {ast.literal_eval(k): (module_path(where[v.id]), v.id)
                     for k, v in zip(node.value.keys, node.value.values)}
     raise ConfigError(f"{flow_file}: no STAGES dict")
 
@@ -257,8 +272,10 @@ def throughput() -> dict[str, Any]:
     gpt, dec = ROOT / "bench" / "results" / "gpt.json", ROOT / "bench" / "results" / "decode.json"
     try:
         g = json.loads(gpt.read_text())
-        peak = g["peak_flops"]["fp32"]
-        mfu = max(r["mfu"] for r in g["runs"] if r.get("model") == "ours" and r.get("dtype") == "fp32")
+        # two formats: peak_flops_fp32.best (the best of several matmul sizes) or peak_flops.fp32
+        peak = g["peak_flops_fp32"]["best"] if "peak_flops_fp32" in g else g["peak_flops"]["fp32"]
+        # an MFU above 1 means the peak was measured under more load than the training steps: cap it
+        mfu = min(1.0, max(r["mfu"] for r in g["runs"] if r.get("model") == "ours" and r.get("dtype", "fp32") == "fp32"))
         out.update(peak=peak, train=peak * mfu, source=f"bench/results/gpt.json (peak {peak / 1e9:.0f} GFLOP/s, "
                    f"MFU {mfu:.0%})")
     except (OSError, KeyError, ValueError, TypeError):
@@ -273,7 +290,7 @@ def throughput() -> dict[str, Any]:
             a @ a
         peak = 3 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
         out.update(peak=peak, train=0.4 * peak, source=f"a numpy 1024^2 matmul probe ({peak / 1e9:.0f} GFLOP/s; "
-                   "assumed MFU 40%: no bench/results/gpt.json)")
+                   "assumed MFU 40%: bench/results/gpt.json missing or unreadable)")
     out["decode"] = 0.1 * out["peak"]
     try:
         d = json.loads(dec.read_text())
