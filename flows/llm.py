@@ -11,19 +11,14 @@ DVC decides what is stale; each stage is an MLflow child run under one parent ru
 """
 from __future__ import annotations
 
-import argparse
-import sys
-
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field, ValidationError
 
-from forgeline.config import ConfigError, params_model, parse_overrides
-from forgeline.prefect_api import TemporaryAPI
+from forgeline.config import pipeline_params
+from forgeline.pipelines import flow_main
 from forgeline.registry import register
-from forgeline.tracking import init_tracking
-from forgeline.workspace import WorkspaceBusy, pipeline_run, push
+from forgeline.workspace import pipeline_run, push
 from tasks.chat_data import ChatDataConfig, chat_data_task
 from tasks.chunk import ChunkConfig, chunk_task
 from tasks.evaluate import EvaluateConfig, evaluate_task
@@ -39,31 +34,8 @@ from tasks.validate import ValidateConfig, ValidationFailed, validate_task
 STAGES = {"ingest": IngestConfig, "validate": ValidateConfig, "chunk": ChunkConfig,
           "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "evaluate": EvaluateConfig,
           "chat_data": ChatDataConfig, "sft": SFTConfig, "reward": RewardConfig, "rlhf": RLHFConfig}
-(IngestOverrides, ValidateOverrides, ChunkOverrides, TokenizerOverrides, PretrainOverrides,
- EvaluateOverrides, ChatDataOverrides, SFTOverrides, RewardOverrides, RLHFOverrides) = map(params_model, STAGES.values())
-
-
-class LLMParams(BaseModel):
-    """Overrides per stage (empty = keep configs/<stage>.yaml), and how to run."""
-
-    ingest: IngestOverrides = Field(default_factory=IngestOverrides)
-    validate_: ValidateOverrides = Field(default_factory=ValidateOverrides, alias="validate")
-    chunk: ChunkOverrides = Field(default_factory=ChunkOverrides)
-    tokenizer: TokenizerOverrides = Field(default_factory=TokenizerOverrides)
-    pretrain: PretrainOverrides = Field(default_factory=PretrainOverrides)
-    evaluate: EvaluateOverrides = Field(default_factory=EvaluateOverrides)
-    chat_data: ChatDataOverrides = Field(default_factory=ChatDataOverrides)
-    sft: SFTOverrides = Field(default_factory=SFTOverrides)
-    reward: RewardOverrides = Field(default_factory=RewardOverrides)
-    rlhf: RLHFOverrides = Field(default_factory=RLHFOverrides)
-    wait_s: float = Field(0.0, description="seconds to wait for another run to free the workspace")
-    push: bool = Field(True, description="dvc push the outputs to the default remote at the end")
-
-    model_config = {"populate_by_name": True, "extra": "forbid"}
-
-    def overrides(self) -> dict[str, dict]:
-        return {stage: getattr(self, "validate_" if stage == "validate" else stage).model_dump(exclude_none=True)
-                for stage in STAGES}
+# the flow's parameters: per stage its optional overrides (a form in the Prefect UI), wait_s, push
+LLMParams = pipeline_params("LLMParams", STAGES)
 
 
 @task(name="register", retries=2, retry_delay_seconds=5)
@@ -104,34 +76,7 @@ def llm(params: LLMParams = LLMParams()) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the LLM pipeline.")
-    parser.add_argument("overrides", nargs="*", help="stage.key=value")
-    parser.add_argument("--wait-s", type=float, default=0.0)
-    parser.add_argument("--no-push", action="store_true")
-    parser.add_argument("--plan", action="store_true", help="say what would run and why; run nothing")
-    args = parser.parse_args(argv)
-    if args.plan:  # `forgeline plan llm` without this module's imports is the fast way (forgeline/plan.py)
-        from forgeline.plan import format_plan, plan_pipeline
-
-        try:
-            print(format_plan(plan_pipeline("llm", args.overrides)))
-        except ConfigError as e:
-            sys.exit(f"llm --plan: {e}")
-        return
-    nested: dict[str, dict] = {}
-    for key, value in parse_overrides(args.overrides).items():
-        stage, _, field = key.partition(".")
-        nested.setdefault(stage, {})[field] = value
-    try:
-        params = LLMParams.model_validate({**nested, "wait_s": args.wait_s, "push": not args.no_push})
-        api = TemporaryAPI.start_unless_configured()
-        init_tracking()  # MLflow's import and its store's schema check, while the Prefect server starts
-        with api.ready():
-            results = llm(params)
-    except (ConfigError, ValidationError, ValidationFailed, WorkspaceBusy) as e:
-        sys.exit(f"llm: {type(e).__name__}: {e}")
-    for r in results:
-        print(f"{r['stage']:>10}: {'skipped (up to date)' if r['skipped'] else 'ran'} in {r['seconds']:.1f}s")
+    flow_main("llm", llm, LLMParams, argv, failures=(ValidationFailed,))
 
 
 if __name__ == "__main__":

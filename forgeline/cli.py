@@ -6,6 +6,9 @@
     forgeline down                                     # stop exactly what `up` started
     forgeline lineage models:/forgeline-llm@candidate [--json] [--strict]   # or an MLflow run id
     forgeline plan llm [stage.key=value ...]           # which stages a run would rerun and why, time and memory
+    forgeline run llm [stage.key=value ...] [--no-push] [--wait-s S]   # any flows/<pipeline>.py
+    forgeline run --list                               # every pipeline and its stages
+    forgeline serve [--host 127.0.0.1] [--port 8000]   # the online side: serve/app.py under uvicorn
 
 Also `python -m forgeline ...`. Run from anywhere: the workspace is the repo this package lives in.
 """
@@ -17,6 +20,7 @@ import os
 import sys
 
 from forgeline import stack
+from forgeline.paths import ROOT
 
 
 def _use_stack_tracking() -> None:
@@ -44,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     p_plan = sub.add_parser("plan", help="which stages a pipeline run would rerun and why; nothing runs")
     p_plan.add_argument("pipeline", help="flows/<pipeline>.py, e.g. llm")
     p_plan.add_argument("overrides", nargs="*", help="stage.key=value, as the flow takes them (not written)")
+    p_run = sub.add_parser("run", help="run a pipeline (python -m flows.<pipeline>), or list them")
+    p_run.add_argument("--list", action="store_true", help="every pipeline and its stages")
+    p_run.add_argument("pipeline", nargs="?", help="flows/<pipeline>.py, e.g. llm")
+    p_run.add_argument("args", nargs=argparse.REMAINDER, help="stage.key=value ..., --no-push, --wait-s S, --plan")
+    p_serve = sub.add_parser("serve", help="the FastAPI app of serve/ (every pipeline's endpoints) under uvicorn")
+    p_serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p_serve.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     # the stack is on loopback: its clients (Prefect's httpx, MLflow's requests) must not use a proxy
     os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
@@ -81,6 +92,25 @@ def main(argv: list[str] | None = None) -> int:
         result = trace(args.target)
         print(json.dumps(result, indent=2, default=str) if args.json else format_trace(result))
         return exit_code(result, strict=args.strict)
+    if args.command == "run":
+        from forgeline.pipelines import pipelines
+
+        found = pipelines()
+        if args.list or not args.pipeline:
+            for name, stages in found.items():
+                print(f"{name}: {' -> '.join(stages)}")
+            return 0
+        if args.pipeline not in found:
+            print(f"forgeline run: no pipeline {args.pipeline!r} (flows/<pipeline>.py with STAGES); "
+                  f"known: {', '.join(found)}", file=sys.stderr)
+            return 1
+        # the flow in a process of its own, as `python -m flows.<pipeline>` (the library imports no flow)
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", f"flows.{args.pipeline}", *args.args])
+    if args.command == "serve":
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "--factory", "serve.app:create_app",
+                                  "--host", args.host, "--port", str(args.port)])
     if args.command == "plan":
         from forgeline.config import ConfigError
         from forgeline.plan import format_plan, plan_pipeline

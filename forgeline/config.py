@@ -3,6 +3,7 @@
 Unknown keys and values of the wrong type fail here, before a stage does any work.
 
     cfg = load_config(ChunkConfig, "chunk", ["chunk_size=800", "splitter=regex"])
+    stage, cfg = stage_config(IngestConfig, "ingest", ["config=configs/rag_ingest.yaml"])  # stage "rag_ingest"
 """
 from __future__ import annotations
 
@@ -119,6 +120,26 @@ def load_config(cls: type, stage: str, overrides: list[str] | dict | None = None
     return build_config(cls, values, where=f"{stage} config ({path.name})")
 
 
+def stage_config(cls: type, stage: str, argv: list[str]) -> tuple[str, Any]:
+    """(stage name, config) from a stage module's command line: `key=value` overrides, and optionally
+    `config=configs/S.yaml` to run the module as stage S, e.g. the generic ingest as the RAG
+    pipeline's own `rag_ingest` (`python -m tasks.ingest config=configs/rag_ingest.yaml`). One name
+    everywhere: S is the DVC stage, the MLflow run, and by that file's out_dir the folder data/S/.
+    """
+    path, rest = None, []
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "config":
+            path = Path(value.strip())
+        else:
+            rest.append(item)
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config={path}: no such file")
+        stage = path.stem
+    return stage, load_config(cls, stage, rest, path=path)
+
+
 def config_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -220,3 +241,30 @@ def params_model(cls: type):
               for f in dataclasses.fields(cls)}
     return pydantic.create_model(f"{cls.__name__}Overrides", __config__=pydantic.ConfigDict(extra="forbid"),
                                  **fields)
+
+
+def _params_field(stage: str) -> str:
+    """The pydantic field of a stage: a stage named like a BaseModel method (`validate`) gets a `_`."""
+    import pydantic
+
+    return f"{stage}_" if hasattr(pydantic.BaseModel, stage) else stage
+
+
+def pipeline_params(name: str, stages: dict[str, type]):
+    """A flow's parameters as one pydantic model: per stage a sub-model of optional overrides (a form
+    section in the Prefect UI), then `wait_s` and `push`. `.overrides()` -> {stage: {key: value}}."""
+    import pydantic
+
+    class PipelineParams(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(populate_by_name=True, extra="forbid")
+
+        def overrides(self) -> dict[str, dict]:
+            return {s: getattr(self, _params_field(s)).model_dump(exclude_none=True) for s in stages}
+
+    fields: dict[str, Any] = {}
+    for stage, cls in stages.items():
+        model = params_model(cls)
+        fields[_params_field(stage)] = (model, pydantic.Field(default_factory=model, alias=stage))
+    fields["wait_s"] = (float, pydantic.Field(0.0, description="seconds to wait for another run to free the workspace"))
+    fields["push"] = (bool, pydantic.Field(True, description="dvc push the outputs to the default remote at the end"))
+    return pydantic.create_model(name, __base__=PipelineParams, **fields)

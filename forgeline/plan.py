@@ -1,7 +1,7 @@
 """What a pipeline run would do, without doing it: the stages DVC would rerun and why, and for each
 training stage among them the time and peak memory it needs on this machine.
 
-    forgeline plan llm [stage.key=value ...]        # also: python -m flows.llm --plan [stage.key=value ...]
+    forgeline plan <pipeline> [stage.key=value ...]   # e.g. llm; also: python -m flows.llm --plan [stage.key=value ...]
 
 Fast by construction (the target is <= 3 s): nothing here imports torch, Prefect, MLflow or a stage
 module (importing one costs seconds: torch and Prefect). The stage configs are read from the
@@ -22,6 +22,7 @@ import yaml
 
 from forgeline.config import ConfigError, _check, parse_overrides, read_yaml
 from forgeline.paths import ROOT, config_path
+from forgeline.pipelines import flow_stages, module_path
 
 TRAINING = ("pretrain", "sft", "reward", "rlhf")
 # RSS of a stage process before its model exists: Python, torch, the stage's imports and data
@@ -82,25 +83,6 @@ def static_dataclass(path: Path, name: str) -> dict[str, tuple[str, Any]]:
                            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value})
             return fields
     raise ConfigError(f"{path}: no class {name}")
-
-
-def module_path(module: str) -> Path:
-    """The file of an in-repo module: `tasks.sft` -> tasks/sft.py, a package -> its __init__.py."""
-    base = ROOT / module.replace(".", "/")
-    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
-
-
-def flow_stages(flow_file: Path) -> dict[str, tuple[Path, str]]:
-    """{stage: (module file, config class name)} from a flow module's `STAGES = {"stage": Class, ...}`
-    and its `from tasks.x import Class` lines, read without importing the flow (which imports every stage)."""
-    tree = ast.parse(flow_file.read_text())
-    where = {alias.asname or alias.name: node.module for node in tree.body if isinstance(node, ast.ImportFrom)
-             for alias in node.names}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "STAGES" for t in node.targets):
-            return {ast.literal_eval(k): (module_path(where[v.id]), v.id)
-                    for k, v in zip(node.value.keys, node.value.values)}
-    raise ConfigError(f"{flow_file}: no STAGES dict")
 
 
 _TYPES = {"Literal": typing.Literal, "Any": Any, "int": int, "float": float, "str": str, "bool": bool,

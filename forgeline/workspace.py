@@ -91,7 +91,7 @@ def run_stage(stage: str, parent_run_id: str, flow_run_id: str = "") -> dict[str
     from mlflow.entities import DatasetInput, InputTag, Metric, RunTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    exp_id = _experiment_id(tracking_uri())
+    exp_id = _experiment_of(tracking_uri(), parent_run_id)
     client = mlflow.MlflowClient(tracking_uri())
     run = client.create_run(exp_id, tags={
         MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: stage, "forgeline.stage": stage,
@@ -150,9 +150,12 @@ def run_stage(stage: str, parent_run_id: str, flow_run_id: str = "") -> dict[str
 
 
 @functools.lru_cache(maxsize=4)
-def _experiment_id(uri: str) -> str:
-    """init_tracking once per process and store, not once per stage (~0.1 s each on sqlite)."""
-    return init_tracking()
+def _experiment_of(uri: str, parent_run_id: str) -> str:
+    """The parent run's experiment (forgeline-<pipeline>): its stage runs go beside it. Asked once per
+    pipeline run, not once per stage."""
+    import mlflow
+
+    return mlflow.MlflowClient(uri).get_run(parent_run_id).info.experiment_id
 
 
 _fresh: dict[tuple, frozenset[str]] = {}
@@ -257,7 +260,7 @@ def pipeline_run(name: str, stages: dict[str, type], overrides: dict[str, dict[s
         os.environ["FORGELINE_GIT_COMMIT"] = commit
         try:
             with one_off_overrides({config_path(s): kv for s, kv in overrides.items()}, CONFIG_BACKUP):
-                close_orphaned_runs(init_tracking())
+                close_orphaned_runs(init_tracking(name))  # the experiment forgeline-<name>
                 with mlflow.start_run(run_name=name, tags={
                         "forgeline.pipeline": name, "prefect.flow_run_id": flow_run_id,
                         "forgeline.workspace": str(ROOT), "git.commit": commit}) as parent:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from prefect import task
 
-from forgeline.config import ConfigError, config_dict, load_config
+from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.workspace import run_stage
 
 # A chunk may end after a paragraph break or a sentence end (not after "Mr." and the like).
@@ -432,22 +432,22 @@ def main(argv: list[str] | None = None) -> None:
 
     from forgeline.tracking import stage_run
 
-    cfg = load_config(ChunkConfig, "chunk", sys.argv[1:] if argv is None else argv)
+    stage, cfg = stage_config(ChunkConfig, "chunk", sys.argv[1:] if argv is None else argv)
     try:
         check_gate(cfg)
     except GateClosed as e:  # before the MLflow run and any output: nothing to clean up
         print(e, file=sys.stderr)
         sys.exit(1)
-    with stage_run("chunk", config_dict(cfg)):
+    with stage_run(stage, config_dict(cfg)):
         summary = chunk(cfg)
         mlflow.log_metrics(summary)
         mlflow.log_artifact(str(Path(cfg.out_dir) / "summary.json"))
     print(json.dumps(summary))
 
 
-@task(name="chunk")
-def chunk_task(run: dict[str, str]) -> dict:
-    return run_stage("chunk", **run)
+@task(name="chunk", task_run_name="{stage}")
+def chunk_task(run: dict[str, str], stage: str = "chunk") -> dict:
+    return run_stage(stage, **run)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Outputs in out_dir: documents.parquet (one row per file; a PDF's pages joined by
 quarantine.parquet (source, sha256, reason, detail) and summary.json (counts, pages/s).
 
     python -m tasks.ingest [key=value ...]
+    python -m tasks.ingest config=configs/rag_ingest.yaml   # the same module as another pipeline's stage rag_ingest
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Callable
 
-from forgeline.config import ConfigError, config_dict, load_config
+from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.paths import ROOT
 from forgeline.tracking import stage_run
 
@@ -823,8 +824,8 @@ def main(argv: list[str] | None = None) -> None:
     import mlflow
     import pandas as pd
 
-    cfg = load_config(IngestConfig, "ingest", args)
-    with stage_run("ingest", config_dict(cfg)):
+    stage, cfg = stage_config(IngestConfig, "ingest", args)
+    with stage_run(stage, config_dict(cfg)):
         summary = ingest(cfg)
         mlflow.log_metrics({k: float(v) for k, v in summary.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -848,9 +849,9 @@ def __getattr__(name: str):
 
     from forgeline.workspace import run_stage
 
-    @task(name="ingest", retries=1, retry_delay_seconds=10)  # an s3:// source can fail transiently
-    def ingest_task(run: dict[str, str]) -> dict:
-        return run_stage("ingest", **run)
+    @task(name="ingest", task_run_name="{stage}", retries=1, retry_delay_seconds=10)  # s3:// can fail transiently
+    def ingest_task(run: dict[str, str], stage: str = "ingest") -> dict:
+        return run_stage(stage, **run)
 
     globals()["ingest_task"] = ingest_task
     return ingest_task

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from prefect import task
 
-from forgeline.config import ConfigError, config_dict, load_config
+from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.workspace import run_stage
 
 # Reserved for the chat template; ids 0..5 in this order (<|end|> closes a turn).
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from forgeline.tracking import stage_run
 
-    cfg = load_config(TokenizerConfig, "tokenizer", sys.argv[1:] if argv is None else argv)
-    with stage_run("tokenizer", config_dict(cfg)):
+    stage, cfg = stage_config(TokenizerConfig, "tokenizer", sys.argv[1:] if argv is None else argv)
+    with stage_run(stage, config_dict(cfg)):
         meta = tokenizer(cfg)
         metrics = {"vocab_size": meta["vocab_size"], "train_tokens": meta["n_tokens"]["train"],
                    "val_tokens": meta["n_tokens"]["val"], "train_seconds": meta["train_seconds"],
@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(meta))
 
 
-@task(name="tokenizer")
-def tokenizer_task(run: dict[str, str]) -> dict:
-    return run_stage("tokenizer", **run)
+@task(name="tokenizer", task_run_name="{stage}")
+def tokenizer_task(run: dict[str, str], stage: str = "tokenizer") -> dict:
+    return run_stage(stage, **run)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import pandas as pd
 
 from prefect import task
 
-from forgeline.config import ConfigError, config_dict, load_config
+from forgeline.config import ConfigError, config_dict, load_config, stage_config
 from forgeline.tracking import stage_run
 from forgeline.workspace import run_stage
 
@@ -140,8 +140,8 @@ def failure_message(summary: dict, documents: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     import mlflow
 
-    cfg = load_config(ValidateConfig, "validate", sys.argv[1:] if argv is None else argv)
-    with stage_run("validate", config_dict(cfg)):
+    stage, cfg = stage_config(ValidateConfig, "validate", sys.argv[1:] if argv is None else argv)
+    with stage_run(stage, config_dict(cfg)):
         try:
             summary = validate(cfg)
         except ValidationFailed as e:
@@ -163,14 +163,14 @@ def _log_outputs(cfg: ValidateConfig, mlflow) -> None:
         mlflow.log_artifacts(str(out / "data_docs"), artifact_path="data_docs")
 
 
-@task(name="validate", retries=0)  # a data failure is not transient: never retried
-def validate_task(run: dict[str, str]) -> dict:
+@task(name="validate", task_run_name="{stage}", retries=0)  # a data failure is not transient: never retried
+def validate_task(run: dict[str, str], stage: str = "validate") -> dict:
     from dvc.exceptions import ReproductionError
 
     try:
-        return run_stage("validate", **run)
+        return run_stage(stage, **run)
     except ReproductionError as e:
-        cfg = load_config(ValidateConfig, "validate")
+        cfg = load_config(ValidateConfig, stage)
         report = Path(cfg.out_dir) / "result.json"  # fresh: DVC removed the old outs first
         if report.exists() and not json.loads(report.read_text())["success"]:
             raise ValidationFailed(failure_message(json.loads(report.read_text()), cfg.documents)) from e

@@ -61,10 +61,6 @@ def mlflow_runs(tmp_path, monkeypatch):
     from mlflow.entities import Metric, RunTag
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("FORGELINE_EXPERIMENT", "report-test")
-    import forgeline.tracking
-
-    monkeypatch.setattr(forgeline.tracking, "EXPERIMENT", "report-test")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.create_experiment("report-test", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp, run_name="llm").info.run_id
