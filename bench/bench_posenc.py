@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from forgeline.checkpoint import load_model_folder
 from tasks.evaluate import byte_lengths, score
-from tasks.pretrain import PretrainConfig, load_pretrained, pretrain
+from tasks.pretrain import PretrainConfig, pretrain
 
 ENCODINGS = ["rope", "sincos", "learned"]
 
@@ -47,7 +48,7 @@ def main() -> None:
             t0 = time.perf_counter()
             pretrain(cfg)
             seconds = time.perf_counter() - t0
-            model = load_pretrained(cfg.out_dir)
+            model = load_model_folder(cfg.out_dir)
             row = {"encoding": enc, "train_seconds": round(seconds, 1)}
             for mult in (1, 2):
                 ctx = args.block_size * mult

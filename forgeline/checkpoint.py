@@ -8,19 +8,30 @@ Layout of one checkpoint, `<root>/step_00000120/`:
 
 Everything is written into a temporary sibling, fsynced, renamed into place, then the parent
 directory is fsynced. A folder without COMPLETE (or whose files don't match it) is never resumed.
+
+A training stage keys its checkpoints by `checkpoint_key` (the settings that change the weights and
+the bytes of its inputs), saves with `save_training_state` and resumes with `resume_training_state`.
+
+The model folder (what a training stage writes to data/<stage>/ and the next stage or the registry
+loads): config.json (the GPTConfig), model.safetensors, tokenizer.json; `save_model_folder` and
+`load_model_folder` are its only writer and reader.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
+
+from models.gpt import GPT, GPTConfig
 
 MARKER = "COMPLETE"
 FILES = ("model.safetensors", "state.pt", "meta.json")
@@ -112,3 +123,70 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> tuple[dict[str,
     state = torch.load(path / "state.pt", weights_only=True)
     meta = json.loads((path / "meta.json").read_text())
     return state, meta
+
+
+# ----------------------------------------------------------------------------- a training loop's state
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_key(settings: dict[str, Any], inputs: list[Path]) -> str:
+    """12 hex digits naming a trajectory: the settings that change the weights and the bytes of the
+    inputs. Runs with equal keys would follow the same path, so they share (and resume) checkpoints;
+    changing e.g. lr or max_steps (the schedule) or an input starts afresh."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for path in inputs:
+        h.update(file_sha256(path).encode())
+    return h.hexdigest()[:12]
+
+
+def save_training_state(root: Path, step: int, model: torch.nn.Module, optimizer, model_config, train_config,
+                        history: dict, data_position: dict, keep: int) -> Path:
+    """A checkpoint of everything a loop needs to go on bit for bit: weights, optimizer, every RNG,
+    the data position and the history, with the model and train configs (dataclasses) for the record."""
+    return save_checkpoint(root, step, model, {"optimizer": optimizer.state_dict(), "rng": rng_state()},
+                           {"data_position": data_position, "history": history, "model_config": asdict(model_config),
+                            "train_config": asdict(train_config)}, keep=keep)
+
+
+def resume_training_state(root: Path, model: torch.nn.Module, optimizer, model_config=None,
+                          stage: str = "", verbose: bool = True) -> dict[str, Any] | None:
+    """Restore the newest complete checkpoint under `root` into model, optimizer and every RNG; return
+    its meta (step, history, data position), or None when there is none. A checkpoint of another model
+    config (`model_config`, a dataclass) is an error, not a silent fresh start."""
+    ckpt = latest_checkpoint(root)
+    if ckpt is None:
+        return None
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if model_config is not None and meta["model_config"] != asdict(model_config):
+        raise ValueError(f"{ckpt} holds another model config; move it away or set ckpt_dir")
+    state, meta = load_checkpoint(ckpt, model)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    if verbose:
+        print(f"{stage}: resumed from {ckpt} at step {meta['step']}", flush=True)
+    return meta
+
+
+# ----------------------------------------------------------------------------- the model folder
+
+
+def save_model_folder(out: str | Path, model: torch.nn.Module, config: GPTConfig, tokenizer_file: str | Path) -> Path:
+    """Write `model` (a GPT, or a module holding one such as RewardModel) with its GPTConfig and tokenizer."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    shutil.copy2(tokenizer_file, out / "tokenizer.json")
+    return out
+
+
+def load_model_folder(path: str | Path, cls: type = GPT, device: str = "cpu"):
+    """A model folder back into `cls(GPTConfig)` (GPT, or RewardModel for data/reward), in eval mode, without pickle."""
+    path = Path(path)
+    model = cls(GPTConfig(**json.loads((path / "config.json").read_text())))
+    load_model(model, str(path / "model.safetensors"), device=device)
+    return model.eval()

@@ -1,7 +1,7 @@
 """Model registry: the trained model of a pipeline run becomes a version of `forgeline-llm`.
 
 The version's source is the training stage run's `model/` artifacts (safetensors weights, config,
-tokenizer; logged by tasks/rlhf.py, the last training stage). Its tags name where it came from, so `forgeline lineage
+tokenizer; logged by the rlhf stage, tasks/rlhf/, the last training stage). Its tags name where it came from, so `forgeline lineage
 models:/forgeline-llm@candidate` can walk back from it: the Prefect flow run, the git commit, the
 MLflow run and the DVC md5 of the stage output the weights came from.
 
@@ -112,7 +112,7 @@ def download(uri: str, dst: str | Path) -> Path:
 
 def load_model(uri: str = f"models:/{MODEL_NAME}@{ALIAS}", device: str = "cpu"):
     """A registered version back into a GPT: config.json + model.safetensors, no pickle."""
-    from tasks.pretrain import load_pretrained
+    from forgeline.checkpoint import load_model_folder
 
     with tempfile.TemporaryDirectory(prefix="forgeline-model-") as tmp:
-        return load_pretrained(download(uri, tmp), device=device)
+        return load_model_folder(download(uri, tmp), device=device)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from forgeline.chat import EOT, PAD
 from models.gpt import GPT, GPTConfig
 
 EOS_NAMES = ("<|endoftext|>", "<|end|>")  # tokens that end a document / an assistant turn
@@ -139,7 +140,7 @@ def export_llama(model: GPT, out_dir: str | Path, tokenizer_file: str | Path | N
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tokenizer_file:
         shutil.copy2(tokenizer_file, out / "tokenizer.json")
-        named = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+        named = {"bos_token": EOT, "eos_token": EOT, "pad_token": PAD}
         named = {k: v for k, v in named.items() if v in special}
         (out / "special_tokens_map.json").write_text(json.dumps(named, indent=2))
         (out / "tokenizer_config.json").write_text(json.dumps({
@@ -147,16 +148,6 @@ def export_llama(model: GPT, out_dir: str | Path, tokenizer_file: str | Path | N
             "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
             **named}, indent=2))
     return out
-
-
-def load_gpt_folder(path: str | Path) -> GPT:
-    """Our model folder (config.json of GPTConfig + model.safetensors) -> GPT in eval mode."""
-    from safetensors.torch import load_model
-
-    path = Path(path)
-    model = GPT(GPTConfig(**json.loads((path / "config.json").read_text())))
-    load_model(model, str(path / "model.safetensors"))
-    return model.eval()
 
 
 def import_llama(path: str | Path) -> GPT:
@@ -177,12 +168,14 @@ def import_llama(path: str | Path) -> GPT:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from forgeline.checkpoint import load_model_folder  # the CLI reads our model folder; the converters don't
+
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         sys.exit("usage: python -m models.llama_export MODEL_DIR OUT_DIR")
     src, dst = Path(args[0]), Path(args[1])
     tok = src / "tokenizer.json"
-    out = export_llama(load_gpt_folder(src), dst, tok if tok.exists() else None)
+    out = export_llama(load_model_folder(src), dst, tok if tok.exists() else None)
     print(f"llama_export: {src} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 

@@ -210,17 +210,28 @@ class _Batch:
 
 
 @torch.no_grad()
-def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[list[int]]:
+def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, batch_size: int = 0
+             ) -> list[list[int]]:
     """New tokens for each prompt: len(prompts) * num_return_sequences lists, prompt-major.
 
     Each list ends at its first stop token (included) or after max_new_tokens. num_beams > 1:
     the n-best beams of `beam_search`. Call model.eval() first, or dropout perturbs the logits.
+    batch_size > 0 decodes at most that many prompts at a time (the KV cache grows with the batch);
+    the batches draw in turn from one generator seeded by cfg.seed.
     """
     if cfg.num_beams > 1:
         return [h.tokens for hyps in beam_search(model, prompts, cfg) for h in hyps]
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    size = batch_size or max(1, len(prompts))
+    return [g for b in range(0, len(prompts), size) for g in _sample(model, prompts[b:b + size], cfg, gen)]
+
+
+def _sample(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, gen: torch.Generator | None
+            ) -> list[list[int]]:
+    """Greedy or sampled continuations of one batch of prompts (see `generate`)."""
     batch = _Batch(model, prompts, cfg.max_new_tokens, cfg.pad_token_id)
     device = batch.prompt.device
-    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     stops = torch.tensor(cfg.stop_tokens, dtype=torch.long, device=device)
     N = len(prompts) * cfg.num_return_sequences
     out = torch.full((N, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=device)

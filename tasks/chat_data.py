@@ -1,16 +1,8 @@
-"""Chat data: SFT conversations and preference pairs for the alignment stages, plus the chat template.
+"""Chat data: SFT conversations and preference pairs for the alignment stages, in forgeline/chat.py's template.
 
 Everything here ships offline and is rebuilt byte-identically from the same inputs and config.
 
-**The chat template.** A conversation is a list of {"role", "content"} turns, role in
-system/user/assistant. Each turn is its role's special token, the content, then <|end|>:
-
-    <|system|>You are a helpful assistant.<|end|><|user|>What is 2 + 3?<|end|><|assistant|>5<|end|>
-
-`encode_chat` builds the token ids turn by turn: the role and <|end|> tokens by id, each content
-with special-token strings encoded as plain text (a user who types "<|assistant|>" cannot open a
-turn). It also returns the loss mask: 1 on assistant content and its closing <|end|> (the model
-must learn to stop), 0 on everything else. A prompt for generation ends with <|assistant|>.
+The chat template, its special tokens and the answer checker are forgeline/chat.py.
 
 **SFT data** (`sft_train.jsonl`, `sft_val.jsonl`; one conversation a line):
 - `chatterbot`: PyPI chatterbot-corpus English conversations, turns alternating user/assistant
@@ -61,77 +53,9 @@ from pathlib import Path
 
 from prefect import task
 
+from forgeline.chat import parse_chat, render_chat, write_jsonl
 from forgeline.config import ConfigError, config_dict, load_config
 from forgeline.workspace import run_stage
-
-# ----------------------------------------------------------------------------- the chat template
-
-ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
-END = "<|end|>"
-PAD = "<|pad|>"
-_TURN = re.compile(r"(<\|system\|>|<\|user\|>|<\|assistant\|>)(.*?)<\|end\|>", re.S)
-
-
-def render_chat(messages: list[dict]) -> str:
-    """The conversation as template text (what `tokenizer.decode` of `encode_chat` gives back)."""
-    return "".join(f"{ROLE_TOKENS[m['role']]}{m['content']}{END}" for m in messages)
-
-
-def parse_chat(text: str) -> list[dict]:
-    """Template text back into turns; the inverse of `render_chat`."""
-    role_of = {v: k for k, v in ROLE_TOKENS.items()}
-    turns, pos = [], 0
-    for m in _TURN.finditer(text):
-        if m.start() != pos:
-            raise ValueError(f"not a chat: unexpected text at {pos}: {text[pos:m.start()][:40]!r}")
-        turns.append({"role": role_of[m.group(1)], "content": m.group(2)})
-        pos = m.end()
-    if pos != len(text):
-        raise ValueError(f"not a chat: unterminated turn at {pos}: {text[pos:][:40]!r}")
-    return turns
-
-
-def load_tokenizer(path: str | Path):
-    """The stage tokenizer, set so that special-token strings inside content encode as text."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    tok.encode_special_tokens = True
-    return tok
-
-
-def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids of the conversation and the loss mask (1 = assistant content or its <|end|>).
-
-    add_generation_prompt appends <|assistant|> so the model's continuation is the reply.
-    `tok` must come from `load_tokenizer` (contents encoded with special strings as text).
-    """
-    ids, mask = [], []
-    end = tok.token_to_id(END)
-    for m in messages:
-        content = tok.encode(m["content"], add_special_tokens=False).ids
-        learn = int(m["role"] == "assistant")
-        ids += [tok.token_to_id(ROLE_TOKENS[m["role"]]), *content, end]
-        mask += [0] + [learn] * (len(content) + 1)
-    if add_generation_prompt:
-        ids.append(tok.token_to_id(ROLE_TOKENS["assistant"]))
-        mask.append(0)
-    return ids, mask
-
-
-def decode_reply(tok, ids: list[int]) -> tuple[str, bool]:
-    """Generated ids -> (the reply up to the first <|end|>, whether an <|end|> closed it)."""
-    end = tok.token_to_id(END)
-    closed = end in ids
-    if closed:
-        ids = ids[:ids.index(end)]
-    return tok.decode(ids, skip_special_tokens=True), closed
-
-
-def is_correct(reply: str, answer: str) -> bool:
-    """The verifiable tasks' ground truth: exact match after stripping surrounding whitespace."""
-    return reply.strip() == answer.strip()
-
 
 # ----------------------------------------------------------------------------- config
 
@@ -442,14 +366,6 @@ def card(summary: dict) -> str:
     for name, counts in summary.items():
         lines.append(f"- **{name}** ({sum(counts.values())}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return "\n".join(lines + ["", rules, ""])
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ import torch
 from prefect import task
 
 from forgeline import metrics as fm
+from forgeline.checkpoint import load_model_folder
 from forgeline.config import ConfigError, config_dict, load_config
 from forgeline.workspace import run_stage
 from models.sampling import GenerationConfig, generate
@@ -87,10 +88,9 @@ def held_out_prompts(tokens: np.ndarray, eot: int, n: int, length: int) -> list[
 def evaluate(cfg: EvaluateConfig) -> dict:
     from tokenizers import Tokenizer
 
-    from tasks.pretrain import load_pretrained
 
     torch.manual_seed(cfg.seed)
-    model = load_pretrained(cfg.model_dir)
+    model = load_model_folder(cfg.model_dir)
     tokenizer = Tokenizer.from_file(str(Path(cfg.model_dir) / "tokenizer.json"))
     meta = json.loads((Path(cfg.tokenizer_dir) / "meta.json").read_text())
     val = np.memmap(Path(cfg.tokenizer_dir) / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")

@@ -11,10 +11,8 @@ an uninterrupted run would have seen, and N processes see the same global batch 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +23,8 @@ import numpy as np
 import torch
 from prefect import task
 
-from forgeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from forgeline.checkpoint import (checkpoint_key, latest_checkpoint, resume_training_state, save_model_folder,
+                                  save_training_state)
 from forgeline.config import ConfigError, config_dict, load_config
 from forgeline.workspace import run_stage
 from models.gpt import GPT, PRESETS, GPTConfig
@@ -88,9 +87,7 @@ class PretrainConfig:
         """
         skip = {"out_dir", "ckpt_dir", "launch", "log_interval", "keep_checkpoints", "peak_flops"}
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
-        meta = (Path(self.tokenizer_dir) / "meta.json").read_bytes()
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + meta).hexdigest()[:12]
-        return Path(self.ckpt_dir) / key
+        return Path(self.ckpt_dir) / checkpoint_key(settings, [Path(self.tokenizer_dir) / "meta.json"])
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig.from_preset(self.preset, vocab_size=vocab_size, block_size=self.block_size,
@@ -102,6 +99,7 @@ class NonFiniteLoss(RuntimeError):
     """Training diverged; the last complete checkpoint is left as it was."""
 
 
+# lr_at is copied into each training stage on purpose (as nanochat does): each loop owns its schedule
 def lr_at(step: int, cfg: PretrainConfig) -> float:
     """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps."""
     if step < cfg.warmup_steps:
@@ -175,17 +173,10 @@ def pretrain(cfg: PretrainConfig, log=None) -> dict:
     # ---- resume from the newest complete checkpoint, if any
     step, history = 0, {"train": [], "val": []}
     ckpt_root = cfg.checkpoint_root()
-    ckpt = latest_checkpoint(ckpt_root)
-    if ckpt is not None:
-        state, ckpt_meta = load_checkpoint(ckpt, model)
-        if ckpt_meta["model_config"] != asdict(model_cfg):
-            raise ConfigError(f"{ckpt} holds another model config; move it away or set ckpt_dir")
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+    ckpt_meta = resume_training_state(ckpt_root, model, optimizer, model_cfg, stage="pretrain", verbose=main)
+    if ckpt_meta is not None:
         step, history = ckpt_meta["step"], ckpt_meta["history"]
-        if main:
-            print(f"pretrain: resumed from {ckpt} at step {step}", flush=True)
-    resumed_at = step if ckpt is not None else -1
+    resumed_at = step if ckpt_meta is not None else -1
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
@@ -262,23 +253,14 @@ def pretrain(cfg: PretrainConfig, log=None) -> dict:
 def save(root: Path, cfg, accelerator, raw_model, optimizer, step, history, model_cfg) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(root, step, raw_model,
-                        {"optimizer": optimizer.state_dict(), "rng": rng_state()},
-                        {"data_position": {"step": step, "micro": 0}, "history": history,
-                         "model_config": asdict(model_cfg), "train_config": asdict(cfg)},
-                        keep=cfg.keep_checkpoints)
+        save_training_state(root, step, raw_model, optimizer, model_cfg, cfg, history, {"step": step, "micro": 0},
+                            keep=cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
 def write_model(cfg: PretrainConfig, model: GPT, model_cfg: GPTConfig, summary: dict, history: dict) -> None:
-    """data/pretrain/: weights (safetensors), model config, tokenizer, history, loss curve."""
-    from safetensors.torch import save_model
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(asdict(model_cfg), indent=2))
-    shutil.copy2(Path(cfg.tokenizer_dir) / "tokenizer.json", out / "tokenizer.json")
+    """data/pretrain/: the model folder (weights, model config, tokenizer), history, loss curve."""
+    out = save_model_folder(cfg.out_dir, model, model_cfg, Path(cfg.tokenizer_dir) / "tokenizer.json")
     (out / "history.json").write_text(json.dumps(history))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_loss(history, out / "loss_curve.png")
@@ -303,16 +285,6 @@ def plot_loss(history: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def load_pretrained(path: str | Path, device: str = "cpu") -> GPT:
-    """A model folder (config.json + model.safetensors) back into a GPT, without pickle."""
-    from safetensors.torch import load_model
-
-    path = Path(path)
-    model = GPT(GPTConfig(**json.loads((path / "config.json").read_text())))
-    load_model(model, str(path / "model.safetensors"), device=device)
-    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> None:

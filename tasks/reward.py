@@ -14,16 +14,14 @@ seed; each reply the checker marks wrong becomes the rejected side, the correct 
 chosen one. The rules alone leave blind spots a policy finds (in a PPO trial: a final "s" in
 place of the right letter scored above the correct reversal); the SFT model's own mistakes are
 what PPO starts from. The pairs are written to sampled_pairs_{train,val}.jsonl beside the model
-(DPO in tasks/rlhf.py trains on them too).
+(DPO in tasks/rlhf/dpo.py trains on them too).
 
     python -m tasks.reward [key=value ...]
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,14 +30,14 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from forgeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from forgeline.chat import (END, PAD, collate_sequences, decode_reply, encode_pairs, is_correct, load_tokenizer,
+                            prompt_ids, read_jsonl, write_jsonl)
+from forgeline.checkpoint import (checkpoint_key, latest_checkpoint, load_model_folder, resume_training_state,
+                                  save_model_folder, save_training_state)
 from forgeline.config import ConfigError, config_dict, load_config
 from forgeline.workspace import run_stage
-from models.gpt import GPTConfig
 from models.reward_model import RewardModel, pairwise_margin_loss
-from tasks.chat_data import END, PAD, decode_reply, encode_chat, is_correct, load_tokenizer, read_jsonl, write_jsonl
-from tasks.pretrain import lr_at
-from tasks.sft import batch_indices, file_sha256, generate, prompt_ids
+from models.sampling import GenerationConfig, generate
 
 
 @dataclass
@@ -81,46 +79,42 @@ class RewardConfig:
     def checkpoint_root(self) -> Path:
         skip = {"out_dir", "ckpt_dir", "log_interval", "keep_checkpoints"}
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
-        h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-        for path in (Path(self.sft_dir) / "model.safetensors", Path(self.data_dir) / "pref_train.jsonl"):
-            h.update(file_sha256(path).encode())
-        return Path(self.ckpt_dir) / h.hexdigest()[:12]
+        inputs = [Path(self.sft_dir) / "model.safetensors", Path(self.data_dir) / "pref_train.jsonl"]
+        return Path(self.ckpt_dir) / checkpoint_key(settings, inputs)
 
 
 # ----------------------------------------------------------------------------- data
+# lr_at and batch_indices are copied into each training stage on purpose (as nanochat does): each loop owns its schedule
 
 
-def encode_reply(tok, prompt: list[dict], reply: str) -> list[int]:
-    """prompt + assistant reply + <|end|>, in the chat template."""
-    return encode_chat(tok, [*prompt, {"role": "assistant", "content": reply}])[0]
+def lr_at(step: int, cfg: RewardConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
-def collate_sequences(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (N, T) ids and each row's last real index (N,)."""
-    T = max(map(len, seqs))
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        idx[i, :len(s)] = torch.tensor(s)
-    return idx, torch.tensor([len(s) - 1 for s in seqs])
-
-
-def encode_pairs(rows: list[dict], tok, block_size: int) -> list[tuple[list[int], list[int], dict]]:
-    """(chosen ids, rejected ids, row) of each pair whose sequences fit the model's context."""
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Rows of step `step`: positions step*B .. step*B+B-1 of epoch permutations seeded by (seed, epoch)."""
+    perms: dict[int, list[int]] = {}
     out = []
-    for r in rows:
-        c, j = encode_reply(tok, r["prompt"], r["chosen"]), encode_reply(tok, r["prompt"], r["rejected"])
-        if max(len(c), len(j)) <= block_size:
-            out.append((c, j, r))
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        out.append(perms[epoch][offset])
     return out
 
 
+@torch.no_grad()
 def sampled_mistakes(model, tok, rows: list[dict], max_new_tokens: int, seed: int) -> list[dict]:
     """`sampled_mistake` pairs: (correct answer, the model's reply) for each verifiable row whose
     reply, sampled at temperature 1 from `seed`, the checker marks wrong."""
-    prompts = [prompt_ids(tok, r) for r in rows]
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        gens = generate(model, prompts, max_new_tokens, tok.token_to_id(END), temperature=1.0)
+    model.eval()
+    sampling = GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0, stop_tokens=(tok.token_to_id(END),),
+                                seed=seed)
+    gens = generate(model, [prompt_ids(tok, r) for r in rows], sampling, batch_size=512)
     pairs = []
     for r, g in zip(rows, gens):
         reply, _ = decode_reply(tok, g)
@@ -132,7 +126,7 @@ def sampled_mistakes(model, tok, rows: list[dict], max_new_tokens: int, seed: in
 
 def mixed_batch(rule_pairs: list, sampled_pairs: list, batch_size: int, fraction: float, seed: int, step: int) -> list:
     """Step `step`'s pairs: round(fraction * batch_size) from the sampled pairs, the rest from the
-    rule-made ones, each pool walked in its own seeded epochs (see tasks.sft.batch_indices)."""
+    rule-made ones, each pool walked in its own seeded epochs (batch_indices)."""
     k = round(fraction * batch_size) if sampled_pairs else 0
     batch = [rule_pairs[i] for i in batch_indices(len(rule_pairs), batch_size - k, seed, step)]
     return batch + ([sampled_pairs[i] for i in batch_indices(len(sampled_pairs), k, seed + 1, step)] if k else [])
@@ -166,25 +160,13 @@ def pairwise_accuracy(rm: RewardModel, pairs: list, pad_id: int, margin: float, 
     return metrics
 
 
-def load_reward_model(path: str | Path) -> RewardModel:
-    """A reward model folder (config.json + model.safetensors) back into a RewardModel, in eval mode."""
-    from safetensors.torch import load_model
-
-    path = Path(path)
-    rm = RewardModel(GPTConfig(**json.loads((path / "config.json").read_text())))
-    load_model(rm, str(path / "model.safetensors"))
-    return rm.eval()
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
 def reward(cfg: RewardConfig, log=None) -> dict:
     """Train (or resume) the reward model to cfg.max_steps; write it to cfg.out_dir; return metrics."""
-    from tasks.pretrain import load_pretrained
-
     torch.manual_seed(cfg.seed)
-    sft_model = load_pretrained(cfg.sft_dir)
+    sft_model = load_model_folder(cfg.sft_dir)
     rm = RewardModel(sft_model.config)
     rm.gpt.load_state_dict(sft_model.state_dict())  # the trunk starts as the SFT model; the head is new
     rm.train()
@@ -215,18 +197,14 @@ def reward(cfg: RewardConfig, log=None) -> dict:
     # ---- resume, or score the untrained head first (chance level)
     step, history = 0, {"train": [], "val": [], "init": {}}
     ckpt_root = cfg.checkpoint_root()
-    ckpt = latest_checkpoint(ckpt_root)
-    if ckpt is not None:
-        state, meta = load_checkpoint(ckpt, rm)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+    meta = resume_training_state(ckpt_root, rm, optimizer, rm.gpt.config, stage="reward")
+    if meta is not None:
         step, history = meta["step"], meta["history"]
-        print(f"reward: resumed from {ckpt} at step {step}", flush=True)
     else:
         history["init"] = pairwise_accuracy(rm, val, pad_id, cfg.margin)
         print(f"reward: before training, held-out pairwise accuracy {history['init']['pairwise_accuracy']:.3f}",
               flush=True)
-    resumed_at = step if ckpt is not None else -1
+    resumed_at = step if meta is not None else -1
 
     t_start, t_last, last_step = time.perf_counter(), time.perf_counter(), step
     while step < cfg.max_steps:
@@ -280,21 +258,14 @@ def reward(cfg: RewardConfig, log=None) -> dict:
 
 
 def save(root: Path, cfg: RewardConfig, rm: RewardModel, optimizer, step: int, history: dict) -> None:
-    save_checkpoint(root, step, rm, {"optimizer": optimizer.state_dict(), "rng": rng_state()},
-                    {"data_position": {"step": step, "pairs_seen": step * cfg.batch_size}, "history": history,
-                     "model_config": asdict(rm.gpt.config), "train_config": asdict(cfg)},
-                    keep=cfg.keep_checkpoints)
+    save_training_state(root, step, rm, optimizer, rm.gpt.config, cfg, history,
+                        {"step": step, "pairs_seen": step * cfg.batch_size}, keep=cfg.keep_checkpoints)
 
 
 def write_model(cfg: RewardConfig, rm: RewardModel, metrics: dict, history: dict) -> None:
-    """data/reward/: config.json (the trunk's GPTConfig), model.safetensors (trunk + head), tokenizer."""
-    from safetensors.torch import save_model
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(rm, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(asdict(rm.gpt.config), indent=2))
-    shutil.copy2(Path(cfg.sft_dir) / "tokenizer.json", out / "tokenizer.json")
+    """data/reward/: config.json (the trunk's GPTConfig), model.safetensors (trunk + head), tokenizer;
+    `load_model_folder(path, RewardModel)` reads it back."""
+    out = save_model_folder(cfg.out_dir, rm, rm.gpt.config, Path(cfg.sft_dir) / "tokenizer.json")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "history.json").write_text(json.dumps(history))
 

@@ -11,10 +11,8 @@ held-out verifiable prompts, for the base model (before step 0) and the fine-tun
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,13 +21,14 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from forgeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from forgeline.chat import (END, PAD, collate, decode_reply, encode_conversations, is_correct, load_tokenizer,
+                            prompt_ids, read_jsonl)
+from forgeline.checkpoint import (checkpoint_key, latest_checkpoint, load_model_folder, resume_training_state,
+                                  save_model_folder, save_training_state)
 from forgeline.config import ConfigError, config_dict, load_config
 from forgeline.workspace import run_stage
 from models.gpt import GPT, linear_cross_entropy
-from models.sampling import GenerationConfig, generate as sample
-from tasks.chat_data import PAD, decode_reply, encode_chat, is_correct, load_tokenizer, read_jsonl
-from tasks.pretrain import lr_at
+from models.sampling import GenerationConfig, generate
 
 
 @dataclass
@@ -67,41 +66,20 @@ class SFTConfig:
         """ckpt_dir/<key>: the key hashes every weight-changing setting, the base weights and the data."""
         skip = {"out_dir", "ckpt_dir", "log_interval", "keep_checkpoints", "max_new_tokens"}
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
-        h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-        for path in (Path(self.base_dir) / "model.safetensors", Path(self.data_dir) / "sft_train.jsonl"):
-            h.update(file_sha256(path).encode())
-        return Path(self.ckpt_dir) / h.hexdigest()[:12]
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        inputs = [Path(self.base_dir) / "model.safetensors", Path(self.data_dir) / "sft_train.jsonl"]
+        return Path(self.ckpt_dir) / checkpoint_key(settings, inputs)
 
 
 # ----------------------------------------------------------------------------- data
+# lr_at and batch_indices are copied into each training stage on purpose (as nanochat does): each loop owns its schedule
 
 
-def encode_conversations(rows: list[dict], tok, block_size: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(ids, loss mask) of each conversation that fits in block_size + 1 tokens; and how many did not."""
-    out = []
-    for row in rows:
-        ids, mask = encode_chat(tok, row["messages"])
-        if len(ids) <= block_size + 1:
-            out.append((ids, mask))
-    return out, len(rows) - len(out)
-
-
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs x = ids[:-1] and targets y = ids[1:] (B, T), right-padded; y is -100 wherever the
-    predicted token is not an assistant token (mask 0) and on padding."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), -100, dtype=torch.long)
-    for i, (ids, mask) in enumerate(examples):
-        n = len(ids) - 1
-        x[i, :n] = torch.tensor(ids[:-1])
-        y[i, :n] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
-    return x, y
+def lr_at(step: int, cfg: SFTConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -141,31 +119,13 @@ def held_out_loss(model: GPT, examples: list, pad_id: int, batch_size: int) -> f
 
 
 @torch.no_grad()
-def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, end_id: int,
-             temperature: float = 0.0, batch_size: int = 512) -> list[list[int]]:
-    """Each prompt's continuation, cut after its first <|end|> (kept) or at max_new_tokens.
-
-    Prompts of any lengths go batch_size at a time through models/sampling.py (left-padded, one
-    KV cache, a batch ends once every row has its <|end|>). temperature 0 is greedy; otherwise
-    sampling draws on torch's global RNG.
-    """
-    was_training = model.training
-    model.eval()
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_tokens=(end_id,))
-    out = [g for b in range(0, len(prompts), batch_size) for g in sample(model, prompts[b:b + batch_size], cfg)]
-    model.train(was_training)
-    return out
-
-
-def prompt_ids(tok, row: dict) -> list[int]:
-    """The conversation less its final assistant turn, ending with <|assistant|>."""
-    messages = row["messages"][:-1] if row["messages"][-1]["role"] == "assistant" else row["messages"]
-    return encode_chat(tok, messages, add_generation_prompt=True)[0]
-
-
 def task_accuracy(model: GPT, tok, rows: list[dict], max_new_tokens: int) -> dict:
     """Exact-match accuracy of greedy replies on verifiable rows: overall, per task, and per row."""
-    gens = generate(model, [prompt_ids(tok, r) for r in rows], max_new_tokens, tok.token_to_id("<|end|>"))
+    was_training = model.training
+    model.eval()
+    greedy = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=(tok.token_to_id(END),))
+    gens = generate(model, [prompt_ids(tok, r) for r in rows], greedy, batch_size=512)
+    model.train(was_training)
     replies = [decode_reply(tok, g)[0] for g in gens]
     correct = [is_correct(rep, r["answer"]) for rep, r in zip(replies, rows)]
     metrics = {"task_accuracy": sum(correct) / len(rows)}
@@ -183,10 +143,8 @@ def sft(cfg: SFTConfig, log=None) -> dict:
 
     `log(step, metrics)` receives the logged metrics (the CLI sends them to MLflow).
     """
-    from tasks.pretrain import load_pretrained
-
     torch.manual_seed(cfg.seed)
-    model = load_pretrained(cfg.base_dir).train()
+    model = load_model_folder(cfg.base_dir).train()
     tok = load_tokenizer(Path(cfg.base_dir) / "tokenizer.json")
     pad_id = tok.token_to_id(PAD)
     block = model.config.block_size
@@ -200,19 +158,15 @@ def sft(cfg: SFTConfig, log=None) -> dict:
     # ---- resume from the newest complete checkpoint, or score the base model first
     step, history = 0, {"train": [], "val": [], "base": {}}
     ckpt_root = cfg.checkpoint_root()
-    ckpt = latest_checkpoint(ckpt_root)
-    if ckpt is not None:
-        state, meta = load_checkpoint(ckpt, model)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+    meta = resume_training_state(ckpt_root, model, optimizer, model.config, stage="sft")
+    if meta is not None:
         step, history = meta["step"], meta["history"]
-        print(f"sft: resumed from {ckpt} at step {step}", flush=True)
     else:
         base = task_accuracy(model, tok, verifiable_val, cfg.max_new_tokens)["metrics"]
         history["base"] = {"val_loss": held_out_loss(model, val, pad_id, cfg.batch_size), **base}
         print(f"sft: base model val loss {history['base']['val_loss']:.4f}, "
               f"task accuracy {history['base']['task_accuracy']:.3f}", flush=True)
-    resumed_at = step if ckpt is not None else -1
+    resumed_at = step if meta is not None else -1
 
     t_start, t_last, last_step = time.perf_counter(), time.perf_counter(), step
     while step < cfg.max_steps:
@@ -265,21 +219,13 @@ def sft(cfg: SFTConfig, log=None) -> dict:
 
 
 def save(root: Path, cfg: SFTConfig, model: GPT, optimizer, step: int, history: dict) -> None:
-    save_checkpoint(root, step, model, {"optimizer": optimizer.state_dict(), "rng": rng_state()},
-                    {"data_position": {"step": step, "rows_seen": step * cfg.batch_size}, "history": history,
-                     "model_config": asdict(model.config), "train_config": asdict(cfg)},
-                    keep=cfg.keep_checkpoints)
+    save_training_state(root, step, model, optimizer, model.config, cfg, history,
+                        {"step": step, "rows_seen": step * cfg.batch_size}, keep=cfg.keep_checkpoints)
 
 
 def write_model(cfg: SFTConfig, model: GPT, tok, metrics: dict, history: dict, rows: list, scored: dict) -> None:
     """data/sft/: the model folder (as data/pretrain), metrics.json, history.json, samples.json."""
-    from safetensors.torch import save_model
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(asdict(model.config), indent=2))
-    shutil.copy2(Path(cfg.base_dir) / "tokenizer.json", out / "tokenizer.json")
+    out = save_model_folder(cfg.out_dir, model, model.config, Path(cfg.base_dir) / "tokenizer.json")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "history.json").write_text(json.dumps(history))
     samples = [{"task": r["source"], "prompt": r["messages"][-2]["content"], "answer": r["answer"],

@@ -27,12 +27,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from prefect import task
 
+from forgeline.chat import EOT, SPECIAL_TOKENS  # reserved at ids 0..5 for the chat template
 from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.workspace import run_stage
 
-# Reserved for the chat template; ids 0..5 in this order (<|end|> closes a turn).
-SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-EOT = "<|endoftext|>"
 
 
 @dataclass

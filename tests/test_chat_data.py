@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.chat_data import (END, FIELD_VALUES, ROLE_TOKENS, ChatDataConfig, chat_data, decode_reply, encode_chat,
-                             is_correct, load_tokenizer, parse_chat, read_jsonl, render_chat, spaced, split_key)
-from tasks.tokenizer import SPECIAL_TOKENS, train_bpe
+from forgeline.chat import (END, ROLE_TOKENS, SPECIAL_TOKENS, decode_reply, encode_chat, is_correct, load_tokenizer,
+                            parse_chat, read_jsonl, render_chat)
+from tasks.chat_data import FIELD_VALUES, ChatDataConfig, chat_data, spaced, split_key
+from tasks.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERSATION = [

@@ -5,12 +5,15 @@
 2. Every in-repo file a stage's code imports (transitively, lazy imports inside functions too) is a
    dep of that stage in dvc.yaml, so editing it makes DVC rerun the stage; and every listed dep
    exists (in git, or as another stage's out).
+3. The library/stage boundary: no stage module imports another stage's, forgeline/ imports no
+   stage or flow, models/ imports no prefect/mlflow/dvc.
 """
 from __future__ import annotations
 
 import ast
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -162,8 +165,9 @@ def missing_deps(stage: dict) -> list[str]:
 
 def test_import_closure_follows_lazy_imports_and_stops_at_exempt_modules():
     files = closure(["tasks.rlhf"])
-    assert {"tasks/rlhf.py", "models/gpt.py", "forgeline/checkpoint.py", "forgeline/config.py"} <= files
-    assert "tasks/chat_data.py" in closure(["tasks.sft"])
+    assert {"tasks/rlhf/__init__.py", "tasks/rlhf/ppo.py", "models/gpt.py", "forgeline/checkpoint.py",
+            "forgeline/config.py"} <= files
+    assert "forgeline/chat.py" in closure(["tasks.sft"])
     assert not files & EXEMPT and "forgeline/registry.py" not in files  # only lineage (exempt) imports it
     assert "tasks/__init__.py" not in files  # a docstring only
     assert cmd_modules("python -m forgeline.launch tasks.pretrain") == ["forgeline.launch", "tasks.pretrain"]
@@ -186,3 +190,63 @@ def test_every_listed_dep_exists():
 
 def test_exempt_modules_exist():
     assert all((ROOT / p).is_file() for p in EXEMPT)
+
+
+# ---------------------------------------------------------------------------- 3. the library/stage boundary
+# nanochat's scripts import only the library, never each other: a stage module (tasks/<stage>.py, or the
+# modules of a stage package tasks/<stage>/) never imports another stage's; forgeline/ (the library)
+# never imports tasks/ or flows/; models/ stays pure PyTorch, free of orchestration and tracking.
+ORCHESTRATION = ("prefect", "mlflow", "dvc")
+
+
+def stage_of(path: Path) -> str | None:
+    """The stage a file under tasks/ belongs to: `tasks/sft.py` -> sft, `tasks/rlhf/ppo.py` -> rlhf."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[0] != "tasks" or len(parts) < 2 or parts[1] == "__init__":
+        return None
+    return parts[1]
+
+
+def boundary_violations(path: Path) -> list[str]:
+    """The imports of `path` (lazy ones included) that cross the library/stage boundary."""
+    rel = path.relative_to(ROOT).as_posix()
+    bad = []
+    for name in sorted(imported_modules(path)):
+        top = name.split(".")[0]
+        target = module_file(name)
+        if rel.startswith("tasks/") and target is not None and stage_of(target) not in (None, stage_of(path)):
+            bad.append(f"{rel} imports stage module {target.relative_to(ROOT).as_posix()}")
+        elif rel.startswith("forgeline/") and top in ("tasks", "flows"):
+            bad.append(f"{rel} imports {top}/ (the library must not import stages or flows)")
+        elif rel.startswith("models/") and top in ORCHESTRATION:
+            bad.append(f"{rel} imports {top} (models/ is pure PyTorch)")
+    return sorted(set(bad))
+
+
+def test_the_boundary_check_catches_each_kind_of_crossing(tmp_path, monkeypatch):
+    cases = {"tasks/sft.py": "from tasks.pretrain import lr_at\n",
+             "tasks/rlhf/ppo.py": "def f():\n    import tasks.reward\n",           # lazy, from a stage package
+             "forgeline/registry.py": "def f():\n    from tasks.pretrain import load_pretrained\n",
+             "forgeline/cli.py": "import flows.llm\n",
+             "models/gpt.py": "def f():\n    import mlflow\n"}
+    allowed = {"tasks/rlhf/dpo.py": "from tasks.rlhf.common import lr_at\nfrom forgeline.chat import END\n",
+               "forgeline/plan.py": "from models.gpt import GPT\n", "models/sampling.py": "import torch\n"}
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    for pkg in ("tasks", "tasks/rlhf", "forgeline", "flows", "models"):
+        (tmp_path / pkg).mkdir(parents=True, exist_ok=True)
+        (tmp_path / pkg / "__init__.py").write_text("")
+    for stage in ("pretrain", "reward", "sft"):
+        (tmp_path / "tasks" / f"{stage}.py").write_text("")
+    (tmp_path / "flows" / "llm.py").write_text("")
+    for rel, src in {**cases, **allowed}.items():
+        (tmp_path / rel).write_text(src)
+    assert [len(boundary_violations(tmp_path / rel)) for rel in cases] == [1] * len(cases)
+    assert [boundary_violations(tmp_path / rel) for rel in allowed] == [[]] * len(allowed)
+
+
+def test_stages_import_only_the_library_and_the_library_no_stage():
+    files = [ROOT / p for p in tracked_files() if p.endswith(".py") and p.split("/")[0] in ("tasks", "forgeline", "models")
+             and (ROOT / p).is_file()]
+    files += [p for p in ROOT.glob("tasks/**/*.py") if p not in files]   # new stage modules not yet in git
+    bad = [v for path in files for v in boundary_violations(path)]
+    assert not bad, "imports across the library/stage boundary:\n" + "\n".join(bad)

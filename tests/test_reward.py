@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from forgeline.checkpoint import latest_checkpoint
+from forgeline.chat import is_correct, read_jsonl
+from forgeline.checkpoint import latest_checkpoint, load_model_folder
 from models.gpt import GPT, GPTConfig
 from models.reward_model import RewardModel, pairwise_margin_loss
-from tasks.chat_data import is_correct, read_jsonl
-from tasks.reward import RewardConfig, load_reward_model, mixed_batch, reward
-from tasks.sft import batch_indices, sft
+from tasks.reward import RewardConfig, batch_indices, mixed_batch, reward
+from tasks.sft import sft
 from tests.test_sft import make_world, tiny_sft
 
 
@@ -76,7 +76,7 @@ def test_reward_model_learns_preferences_well_above_chance(world, tmp_path):
     # a random head scores pairs by accident (one rule's rejected replies may share a feature)
     assert metrics["pairwise_accuracy"] > max(0.8, metrics["init_pairwise_accuracy"] + 0.2), metrics
     assert metrics["pairwise_accuracy.off_topic"] > 0.9
-    rm = load_reward_model(tmp_path / "reward")
+    rm = load_model_folder(tmp_path / "reward", RewardModel)
     assert isinstance(rm, RewardModel) and rm.gpt.config.n_layer == 2
     # the SFT model's own mistakes: each rejected reply is one the checker marks wrong
     sampled = read_jsonl(tmp_path / "reward" / "sampled_pairs_train.jsonl")

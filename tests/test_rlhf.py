@@ -11,13 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from forgeline.checkpoint import latest_checkpoint
+from forgeline.chat import encode_pairs, load_tokenizer, read_jsonl, write_jsonl
+from forgeline.checkpoint import latest_checkpoint, load_model_folder
 from forgeline.config import ConfigError
-from tasks.chat_data import load_tokenizer, read_jsonl, write_jsonl
-from tasks.pretrain import load_pretrained
-from tasks.reward import RewardConfig, encode_pairs, reward
-from tasks.rlhf import (RLHFConfig, centre_by_prompt, dpo_loss, gae, ppo_policy_loss, reply_batch, rlhf,
-                        sequence_logprobs)
+from tasks.reward import RewardConfig, reward
+from tasks.rlhf import RLHFConfig, rlhf
+from tasks.rlhf.common import reply_batch
+from tasks.rlhf.dpo import dpo_loss, sequence_logprobs
+from tasks.rlhf.ppo import centre_by_prompt, gae, ppo_policy_loss
 from tasks.sft import sft
 from tests.test_sft import ROOT, make_world, tiny_sft
 
@@ -114,7 +115,7 @@ def tiny_rlhf(world: dict, tmp: Path, **kw) -> RLHFConfig:
 
 def test_dpo_loss_is_log2_on_real_sequences(world):
     tok = load_tokenizer(world["sft"] / "tokenizer.json")
-    model = load_pretrained(world["sft"])
+    model = load_model_folder(world["sft"])
     pairs = encode_pairs(read_jsonl(world["data"] / "pref_val.jsonl")[:8], tok, model.config.block_size)
     loss, _ = dpo_loss(*sequence_logprobs(model, pairs, tok), *sequence_logprobs(model, pairs, tok), beta=0.5)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
@@ -131,7 +132,7 @@ def test_ppo_raises_the_reward_and_reports_kl_and_clipping(world, tmp_path):
     for key in ("win_rate", "rm_win_rate", "policy_task_accuracy", "sft_task_accuracy", "wins", "losses", "ties"):
         assert key in metrics
     assert metrics["wins"] + metrics["losses"] + metrics["ties"] == metrics["held_out_prompts"]
-    assert load_pretrained(tmp_path / "rlhf").config.n_layer == 2
+    assert load_model_folder(tmp_path / "rlhf").config.n_layer == 2
 
 
 @pytest.mark.parametrize("mix", [dict(nll_weight=0.0, sampled_fraction=0.5), dict(nll_weight=1.0, sampled_fraction=1.0)],

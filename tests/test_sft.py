@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_model
 
-from forgeline.checkpoint import latest_checkpoint
+from forgeline.chat import collate, encode_chat, load_tokenizer, read_jsonl, render_chat, write_jsonl
+from forgeline.checkpoint import latest_checkpoint, load_model_folder
 from models.gpt import GPT, GPTConfig
-from tasks.chat_data import ChatDataConfig, chat_data, encode_chat, load_tokenizer, read_jsonl, render_chat, write_jsonl
-from tasks.pretrain import load_pretrained
-from tasks.sft import SFTConfig, assistant_loss, batch_indices, collate, sft
+from tasks.chat_data import ChatDataConfig, chat_data
+from tasks.sft import SFTConfig, assistant_loss, batch_indices, sft
 from tasks.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_non_assistant_tokens_carry_zero_weight(world):
         assert yi[:n].tolist() == [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
         assert (yi[n:] == -100).all()
     # the gradient of the loss reaches only the logits that predict assistant tokens
-    model = load_pretrained(world["base"])
+    model = load_model_folder(world["base"])
     logits, _ = model(x)
     logits.retain_grad()
     F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100).backward()
@@ -95,7 +95,7 @@ def test_sft_beats_the_base_model(world, tmp_path):
     assert metrics["task_accuracy"] > metrics["base_task_accuracy"] + 0.3, metrics
     assert metrics["val_loss"] < metrics["base_val_loss"] - 2.0
     out = tmp_path / "sft"
-    assert load_pretrained(out).config.n_layer == 2 and (out / "tokenizer.json").exists()
+    assert load_model_folder(out).config.n_layer == 2 and (out / "tokenizer.json").exists()
     assert json.loads((out / "metrics.json").read_text())["steps"] == 300
 
 
