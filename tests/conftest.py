@@ -28,6 +28,16 @@ def cli_overrides(settings: dict[str, dict]) -> list[str]:
     return [f"{stage}.{k}={v}" for stage, kv in settings.items() for k, v in kv.items()]
 
 
+def stage_lines(out: str, stages: list[str]) -> dict[str, str]:
+    """'    ingest: ran in 3.2s' lines printed by `python -m flows.<pipeline>` -> {stage: 'ran'|'skipped'}."""
+    found = {}
+    for line in out.splitlines():
+        stage, sep, rest = line.strip().partition(": ")
+        if sep and stage in stages and ("ran in" in rest or "skipped" in rest):
+            found[stage] = "skipped" if rest.startswith("skipped") else "ran"
+    return found
+
+
 def make_workspace(dst: Path) -> Path:
     """Copy the repo's tracked and unignored files to `dst` and commit them there.
 

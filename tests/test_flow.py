@@ -14,6 +14,7 @@ import time
 import pytest
 import yaml
 
+from tests import conftest
 from tests.conftest import ALIGNMENT_FAST, cli_overrides, commit_settings, run_in, workspace_env
 
 pytestmark = pytest.mark.slow
@@ -26,13 +27,7 @@ FAST = ["pretrain.max_steps=12", "pretrain.eval_interval=6", "pretrain.ckpt_inte
 
 
 def stage_lines(out: str) -> dict[str, str]:
-    """'    ingest: ran in 3.2s' lines printed by `python -m flows.llm` -> {stage: 'ran'|'skipped'}."""
-    found = {}
-    for line in out.splitlines():
-        stage, sep, rest = line.strip().partition(": ")
-        if sep and stage in STAGES and ("ran in" in rest or "skipped" in rest):
-            found[stage] = "skipped" if rest.startswith("skipped") else "ran"
-    return found
+    return conftest.stage_lines(out, STAGES)
 
 
 def mlflow_runs(ws):

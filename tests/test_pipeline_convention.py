@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests import conftest
 from tests.conftest import run_in
 
 STAGES = ["tiny_ingest", "tiny_validate", "tiny_chunk"]
@@ -119,12 +120,7 @@ def mlflow_runs(ws, experiment: str):
 
 
 def stage_lines(out: str) -> dict[str, str]:
-    found = {}
-    for line in out.splitlines():
-        stage, sep, rest = line.strip().partition(": ")
-        if sep and stage in STAGES and ("ran in" in rest or "skipped" in rest):
-            found[stage] = "skipped" if rest.startswith("skipped") else "ran"
-    return found
+    return conftest.stage_lines(out, STAGES)
 
 
 @pytest.mark.slow
