@@ -184,3 +184,38 @@ def test_a_pipeline_made_by_the_convention_alone(workspace):
                       "(d,) = [d for d in yaml.safe_load(open('prefect.yaml'))['deployments'] if 'tiny' in d['tags']]; "
                       "print(load_flow_from_entrypoint(d['entrypoint']).name)")
     assert deployed.stdout.strip().endswith("tiny")
+
+
+def test_pipelines_are_read_from_the_flows_and_name_their_experiment(tmp_path, monkeypatch):
+    """Fast: the discovery `forgeline run --list`, `forgeline plan` and a stage run by hand rely on."""
+    import mlflow
+
+    from forgeline import pipelines
+    from forgeline.tracking import stage_run
+
+    assert pipelines.pipelines()["llm"][:3] == ["ingest", "validate", "chunk"]
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    (flows / "__init__.py").write_text("")
+    (flows / "tiny.py").write_text(FLOW)
+    (flows / "helpers.py").write_text("X = 1\n")  # no STAGES: no pipeline
+    assert pipelines.pipelines(flows) == {"tiny": STAGES}
+    assert pipelines.pipeline_of("tiny_chunk", flows) == "tiny" and pipelines.pipeline_of("chunk", flows) is None
+
+    # by hand, a stage logs to its pipeline's experiment; one no flow lists yet to forgeline-adhoc
+    import mlflow.tracking._tracking_service.utils as uri_state
+    import mlflow.tracking.fluent as fluent
+
+    # MLflow keeps the store and the active experiment in globals (and env vars): put them back afterwards
+    monkeypatch.setattr(uri_state, "_tracking_uri", uri_state._tracking_uri)
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("FORGELINE_RUN_ID", raising=False)
+    for stage in ("chunk", "brand_new_stage"):
+        with stage_run(stage, {"out_dir": f"data/{stage}"}):
+            pass
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for experiment, stage in (("forgeline-llm", "chunk"), ("forgeline-adhoc", "brand_new_stage")):
+        (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert run.info.run_name == stage and run.data.params["out_dir"] == f"data/{stage}"
