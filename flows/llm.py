@@ -11,7 +11,16 @@ DVC decides what is stale; each stage is an MLflow child run under one parent ru
 """
 from __future__ import annotations
 
-from prefect import flow, task
+import sys
+
+from forgeline.prefect_api import TemporaryAPI
+
+if __name__ == "__main__" and not {"--plan", "-h", "--help"} & set(sys.argv[1:]):
+    # the temporary Prefect server (~4 s of CPU to start) starts before the stage modules below
+    # import (torch, pandas: ~2.5 s), not after them: flow_main gets this one back
+    TemporaryAPI.start_unless_configured()
+
+from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 

@@ -7,7 +7,7 @@ calls the API, and imports the whole server package into the calling process fir
 server runs in a child (~4 s on 2 cores). Started here, the child imports and migrates its database
 on one core while this process does its own start-up work on the other.
 
-    api = TemporaryAPI.start_unless_configured()   # returns at once
+    api = TemporaryAPI.start_unless_configured()   # returns at once; the same one if already started
     ...                                            # other start-up work
     with api.ready():                              # waits for /health (the server stops at exit)
         run_the_flow()
@@ -32,11 +32,19 @@ def _free_port() -> int:
 
 
 class TemporaryAPI:
+    _started: TemporaryAPI | None = None  # one per process: a flow module may start it before flow_main asks
+
     def __init__(self, proc: subprocess.Popen | None, url: str):
         self.proc, self.url = proc, url
 
     @classmethod
     def start_unless_configured(cls) -> TemporaryAPI:
+        if cls._started is None or (cls._started.proc is not None and cls._started.proc.poll() is not None):
+            cls._started = cls._start()
+        return cls._started
+
+    @classmethod
+    def _start(cls) -> TemporaryAPI:
         import prefect
         from prefect.settings import PREFECT_API_URL, get_current_settings
 

@@ -136,6 +136,8 @@ def run_stage(stage: str, parent_run_id: str, flow_run_id: str = "") -> dict[str
     tags.update({f"dvc.out.{p}": md5 for p, md5 in found["outs"].items()})
     if skipped:
         tags["forgeline.reused_run_id"] = producing_run(client, exp_id, stage, found["outs"])
+    else:
+        forget_producer(stage)  # this run is its newest producer now
     for upstream, (out_path, md5) in upstream_outs(stage).items():
         tags[f"lineage.upstream.{upstream}"] = producing_run(client, exp_id, upstream, {out_path: md5})
     client.log_batch(run_id, metrics=[Metric("stage_seconds", seconds, int(time.time() * 1000), 0)],
@@ -210,16 +212,32 @@ def upstream_outs(stage: str) -> dict[str, tuple[str, str]]:
     return found
 
 
+# producing_run's answers: {(tracking uri, experiment, stage, out path, md5): run id}. The same
+# upstream is asked for by every stage downstream of it (the tokenizer's by six); an answer stays
+# right until `stage` runs again (forget_producer), which makes a newer producer.
+_producers: dict[tuple[str, str, str, str, str], str] = {}
+
+
 def producing_run(client, exp_id: str, stage: str, outs: dict[str, str]) -> str:
     """The newest finished, non-skipped run of `stage` whose outputs have these digests."""
     if not outs:
         return ""
     path, md5 = next(iter(outs.items()))
-    runs = client.search_runs(
-        [exp_id], max_results=1, order_by=["attributes.start_time DESC"],
-        filter_string=(f"tags.`forgeline.stage` = '{stage}' and tags.`dvc.skipped` = 'false' "
-                       f"and tags.`dvc.out.{path}` = '{md5}' and attributes.status = 'FINISHED'"))
-    return runs[0].info.run_id if runs else ""
+    key = (client.tracking_uri, exp_id, stage, path, md5)
+    if key not in _producers:
+        runs = client.search_runs(
+            [exp_id], max_results=1, order_by=["attributes.start_time DESC"],
+            filter_string=(f"tags.`forgeline.stage` = '{stage}' and tags.`dvc.skipped` = 'false' "
+                           f"and tags.`dvc.out.{path}` = '{md5}' and attributes.status = 'FINISHED'"))
+        if not runs:
+            return ""  # not remembered: a run that makes these outputs may finish later
+        _producers[key] = runs[0].info.run_id
+    return _producers[key]
+
+
+def forget_producer(stage: str) -> None:
+    for key in [k for k in _producers if k[2] == stage]:
+        del _producers[key]
 
 
 @contextlib.contextmanager
@@ -247,6 +265,7 @@ def pipeline_run(name: str, stages: dict[str, type], overrides: dict[str, dict[s
         base = (yaml.safe_load(hidden[path] or b"") or {}) if path in hidden else read_yaml(path)
         build_config(cls, {**base, **overrides.get(stage, {})}, where=f"{stage} config")
     with hold_workspace({"pipeline": name, "flow_run_id": flow_run_id}, wait_s=wait_s):
+        _producers.clear()  # remembered for one pipeline run: stages may have run by hand since
         restored = restore_backup(CONFIG_BACKUP)
         if restored:
             print(f"restored {', '.join(restored)} to what they were before a pipeline run that did not finish "

@@ -127,3 +127,21 @@ def test_config_file_loads():
     cfg = load_config(ReportConfig, "report", [])
     assert cfg.out_dir == "data/report" and list(cfg.evaluations)[0] == "base (pretrain)"
     assert (ROOT / "configs" / "report.yaml").exists()
+
+
+def test_loss_curves_redrawn_only_when_a_history_changes(tmp_path, data):
+    from tasks.report import INPUTS_KEY, _png_inputs_key
+
+    cfg = ReportConfig(data_dir=str(data), out_dir=str(tmp_path / "report"))
+    png = tmp_path / "report" / "loss_curves.png"
+    build_report(cfg)
+    first, key = png.stat().st_mtime_ns, _png_inputs_key(png)
+    assert key and len(key) == 64
+    build_report(cfg)  # nothing changed (a no-op rerun): the same file, not redrawn
+    assert png.stat().st_mtime_ns == first and _png_inputs_key(png) == key
+    write(data / "sft" / "history.json", {"train": [[1, 3.0], [2, 2.4]], "val": [[2, 2.7]], "base": {}})
+    build_report(cfg)
+    assert _png_inputs_key(png) != key and png.stat().st_mtime_ns != first
+    from PIL import Image
+    with Image.open(png) as img:  # a real plot, with the key a later run compares against
+        assert img.size[0] > 100 and img.info[INPUTS_KEY] == _png_inputs_key(png)
