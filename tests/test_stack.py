@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ALIGNMENT_FAST, make_workspace, run_in, workspace_env
+from tests.conftest import ALIGNMENT_FAST, cli_overrides, commit_settings, make_workspace, run_in, workspace_env
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +111,9 @@ def shared_stack(request, tmp_path_factory) -> Stack:
         return _SHARED["stack"]
     ws = make_workspace(tmp_path_factory.mktemp("stack"))
     trim_sample(ws)
+    # a run's overrides apply to that run only: the short settings every run here uses (the UI's
+    # custom run included, which overrides one value) are the workspace's committed configs
+    commit_settings(ws, cli_overrides(FAST))
     t0 = time.perf_counter()
     request.config.add_cleanup(lambda: run_in(ws, "-m", "forgeline", "down", check=False))
     proc = run_in(ws, "-m", "forgeline", "up", "--paused-schedules", timeout=600)
