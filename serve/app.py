@@ -1,6 +1,8 @@
 """One FastAPI app for every pipeline's endpoints: each pipeline adds a module `serve/<pipeline>.py`
-with an `APIRouter` named `router` and lists it in ROUTERS; create_app() mounts them all, each
-under its own prefix `/<pipeline>`. A plain list, read top to bottom: no plugins, no discovery.
+with an `APIRouter` named `router` whose routes carry their full paths, OpenAI style (`/v1/chat/completions`,
+`/v1/compose`, `/v1/translate`), and lists it in ROUTERS; create_app() mounts them all at the root,
+tagged by pipeline, and refuses two pipelines claiming the same method and path. A plain list, read top
+to bottom: no plugins, no discovery.
 
     forgeline serve [--host 127.0.0.1] [--port 8000]
     python -m uvicorn --factory serve.app:create_app --host 127.0.0.1 --port 8000
@@ -14,7 +16,7 @@ ROUTERS: list[tuple[str, APIRouter]] = []
 
 
 def create_app(routers: list[tuple[str, APIRouter]] | None = None) -> FastAPI:
-    """The app with `routers` (default ROUTERS) mounted at /<pipeline>, and GET /health."""
+    """The app with `routers` (default ROUTERS) mounted at the root, and GET /health."""
     app = FastAPI(title="Forgeline", summary="Every pipeline's online endpoints")
 
     @app.get("/health")
@@ -23,6 +25,13 @@ def create_app(routers: list[tuple[str, APIRouter]] | None = None) -> FastAPI:
         return {"status": "ok", "pipelines": [name for name, _ in mounted]}
 
     mounted = ROUTERS if routers is None else routers
+    owner: dict[tuple[str, str], str] = {("GET", "/health"): "app"}
     for name, router in mounted:
-        app.include_router(router, prefix=f"/{name}", tags=[name])
+        for route in router.routes:
+            for method in getattr(route, "methods", None) or {"WS"}:
+                key = (method, route.path)
+                if key in owner:
+                    raise ValueError(f"{method} {route.path} of pipeline {name!r} is already served by {owner[key]!r}")
+                owner[key] = name
+        app.include_router(router, tags=[name])
     return app

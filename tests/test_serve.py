@@ -10,6 +10,8 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
 
@@ -45,16 +47,26 @@ def test_forgeline_serve_answers_health_on_loopback():
     assert f"Uvicorn running on http://127.0.0.1:{port}" in proc.stdout.read()
 
 
-def test_a_listed_router_is_mounted_under_its_pipeline():
+def toy_router(path: str) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/echo")
+    @router.get(path)
     def echo(text: str) -> dict[str, str]:
         return {"text": text}
 
-    client = TestClient(create_app([("toy", router)]))
-    assert client.get("/toy/echo", params={"text": "hi"}).json() == {"text": "hi"}
+    return router
+
+
+def test_a_listed_router_is_mounted_with_its_own_paths():
+    client = TestClient(create_app([("toy", toy_router("/v1/echo"))]))
+    assert client.get("/v1/echo", params={"text": "hi"}).json() == {"text": "hi"}
     assert client.get("/health").json() == {"status": "ok", "pipelines": ["toy"]}
     # nothing is mounted that is not listed
-    assert client.get("/echo", params={"text": "hi"}).status_code == 404
-    assert TestClient(create_app([])).get("/toy/echo", params={"text": "hi"}).status_code == 404
+    assert TestClient(create_app([])).get("/v1/echo", params={"text": "hi"}).status_code == 404
+
+
+def test_two_pipelines_cannot_claim_one_path():
+    with pytest.raises(ValueError, match="GET /v1/echo of pipeline 'b' is already served by 'a'"):
+        create_app([("a", toy_router("/v1/echo")), ("b", toy_router("/v1/echo"))])
+    with pytest.raises(ValueError, match="already served by 'app'"):
+        create_app([("a", toy_router("/health"))])
