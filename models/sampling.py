@@ -4,12 +4,14 @@ Every generator in Forgeline calls `generate`. It takes a model with the `GPT.hi
 positions, mask)` trunk (extending a `models.gpt.KVCache`) and an `lm_head`, and a list of prompts
 (token id lists, any lengths). Settings live in one `GenerationConfig`:
 
-- greedy (temperature=0) or sampling: repetition penalty (Keskar et al. 2019, CTRL, §4.1), then
-  temperature, top-k (Fan et al. 2018), top-p / nucleus (Holtzman et al. 2020, arXiv:1904.09751);
+- greedy (temperature=0) or sampling: repetition penalty (Keskar et al. 2019, CTRL, §4.1), OpenAI's
+  frequency and presence penalties (on the tokens generated so far), then temperature, top-k (Fan et al. 2018), top-p / nucleus (Holtzman et al. 2020, arXiv:1904.09751);
 - beam search (num_beams > 1) with length penalty, n-best (num_return_sequences) and early
   stopping, following transformers' beam search rules so both give the same beams on the same weights;
 - stop tokens, a left-padded batch of prompts of different lengths, one KV cache per batch, and a
-  seed (a private torch.Generator: the global RNG is left alone).
+  seed (a private torch.Generator: the global RNG is left alone);
+- `on_step`, called with each step's tokens and raw logits: streaming, log-probabilities, stop
+  strings and deadlines live in the caller (serve/llm), which can end any row.
 
     from models.sampling import GenerationConfig, generate
     cfg = GenerationConfig(max_new_tokens=48, temperature=0.8, top_p=0.95, stop_tokens=(1,), seed=0)
@@ -23,7 +25,7 @@ position goes through the LM head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,8 @@ class GenerationConfig:
     top_k: int = 0                    # keep the k most likely tokens; 0 = off
     top_p: float = 1.0                # keep the smallest set of tokens whose probability reaches p; 1 = off
     repetition_penalty: float = 1.0   # CTRL: a seen token's logit is divided (>0) or multiplied (<0) by it
+    frequency_penalty: float = 0.0    # OpenAI: logit -= this * times the token was generated so far
+    presence_penalty: float = 0.0     # OpenAI: logit -= this once the token was generated at all
     num_beams: int = 1                # > 1: beam search (deterministic)
     length_penalty: float = 1.0       # beam score = sum log p / generated_length ** length_penalty
     early_stopping: bool | Literal["never"] = False  # as transformers: True, False (heuristic) or "never"
@@ -53,6 +57,10 @@ class GenerationConfig:
             raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise ValueError(f"num_return_sequences={self.num_return_sequences} > num_beams={self.num_beams}")
+        if not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2):
+            raise ValueError("frequency_penalty and presence_penalty must lie in [-2, 2] (OpenAI's range)")
+        if self.num_beams > 1 and (self.frequency_penalty or self.presence_penalty):
+            raise ValueError("frequency/presence penalties apply to sampling, not beam search")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping={self.early_stopping!r}: True, False or 'never'")
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
@@ -79,6 +87,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor, frequency: float,
+                             presence: float) -> torch.Tensor:
+    """OpenAI's penalties: logits (N, V) minus frequency * count minus presence * (count > 0), where
+    counts (N, V) is how often each token was generated so far (the prompt does not count)."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Set all but the k largest logits of each row to -inf (ties with the k-th survive)."""
     if k <= 0 or k >= logits.size(-1):
@@ -103,10 +118,14 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig) -> torch.Tensor:
-    """Repetition penalty, temperature, top-k, top-p, in that order (transformers' order); fp32 (N, V)."""
+def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig,
+                   counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Repetition penalty, frequency/presence penalties (counts (N, V) of generated tokens), temperature,
+    top-k, top-p, in that order (transformers' order, OpenAI's penalties with the repetition one); fp32 (N, V)."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if counts is not None:
+        logits = apply_frequency_presence(logits, counts, cfg.frequency_penalty, cfg.presence_penalty)
     if cfg.temperature == 0:
         return logits
     logits = logits / cfg.temperature
@@ -209,26 +228,35 @@ class _Batch:
 # ----------------------------------------------------------------------------- sampling / greedy
 
 
+# on_step(rows, tokens, logits) -> rows to end now, or None: rows (L,) the output rows still generating,
+# tokens (L,) the token each just drew, logits (L, V) the raw fp32 logits it drew from (before penalties
+# and temperature). An ended row keeps this step's token.
+StepHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "Sequence[int] | None"]
+
+
 @torch.no_grad()
-def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, batch_size: int = 0
-             ) -> list[list[int]]:
+def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, batch_size: int = 0,
+             on_step: StepHook | None = None) -> list[list[int]]:
     """New tokens for each prompt: len(prompts) * num_return_sequences lists, prompt-major.
 
-    Each list ends at its first stop token (included) or after max_new_tokens. num_beams > 1:
-    the n-best beams of `beam_search`. Call model.eval() first, or dropout perturbs the logits.
-    batch_size > 0 decodes at most that many prompts at a time (the KV cache grows with the batch);
-    the batches draw in turn from one generator seeded by cfg.seed.
+    Each list ends at its first stop token (included), after max_new_tokens, or where `on_step`
+    ended it. num_beams > 1: the n-best beams of `beam_search` (no on_step). Call model.eval()
+    first, or dropout perturbs the logits. batch_size > 0 decodes at most that many prompts at a
+    time (the KV cache grows with the batch); the batches draw in turn from one generator seeded
+    by cfg.seed; on_step's rows are then numbered within each batch.
     """
     if cfg.num_beams > 1:
+        if on_step is not None:
+            raise ValueError("on_step is for greedy and sampled decoding, not beam search")
         return [h.tokens for hyps in beam_search(model, prompts, cfg) for h in hyps]
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     size = batch_size or max(1, len(prompts))
-    return [g for b in range(0, len(prompts), size) for g in _sample(model, prompts[b:b + size], cfg, gen)]
+    return [g for b in range(0, len(prompts), size) for g in _sample(model, prompts[b:b + size], cfg, gen, on_step)]
 
 
-def _sample(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, gen: torch.Generator | None
-            ) -> list[list[int]]:
+def _sample(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, gen: torch.Generator | None,
+            on_step: StepHook | None = None) -> list[list[int]]:
     """Greedy or sampled continuations of one batch of prompts (see `generate`)."""
     batch = _Batch(model, prompts, cfg.max_new_tokens, cfg.pad_token_id)
     device = batch.prompt.device
@@ -240,14 +268,20 @@ def _sample(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, gen:
 
     logits = batch.prefill(cfg.num_return_sequences)
     seen = batch.seen(logits.size(-1)) if cfg.repetition_penalty != 1.0 else None
+    penalised = cfg.frequency_penalty != 0 or cfg.presence_penalty != 0
+    counts = torch.zeros(N, logits.size(-1), dtype=logits.dtype, device=device) if penalised else None
     for t in range(cfg.max_new_tokens):
-        logits = process_logits(logits, seen, cfg)
+        raw = logits
+        logits = process_logits(logits, seen, cfg, counts)
         nxt = logits.argmax(dim=-1) if cfg.temperature == 0 else sample_rows(logits.softmax(dim=-1), gen)
         out[live, t] = nxt
+        ended = list(on_step(live, nxt, raw) or ()) if on_step is not None else []
         if t + 1 == cfg.max_new_tokens:
             break
-        if len(cfg.stop_tokens):
-            going = ~torch.isin(nxt, stops)
+        if len(cfg.stop_tokens) or ended:
+            going = ~torch.isin(nxt, stops) if len(cfg.stop_tokens) else torch.ones_like(nxt, dtype=torch.bool)
+            if ended:
+                going &= ~torch.isin(live, torch.as_tensor(list(ended), dtype=torch.long, device=device))
             if not bool(going.all()):
                 # a row that stopped leaves the batch (and its cache): replies end at different
                 # lengths, and the batch then shrinks instead of decoding pads to max_new_tokens
@@ -258,8 +292,11 @@ def _sample(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, gen:
                 batch.reorder(rows)
                 live, nxt = live[rows], nxt[rows]
                 seen = seen[rows] if seen is not None else None
+                counts = counts[rows] if counts is not None else None
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
+        if counts is not None:
+            counts[torch.arange(len(nxt), device=device), nxt] += 1
         logits = batch.forward(nxt[:, None])
     return [out[i, :n].tolist() for i, n in enumerate(lengths.tolist())]
 

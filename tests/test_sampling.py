@@ -248,3 +248,39 @@ def test_early_stopping_true_returns_as_soon_as_beams_finish(model):
     hyps = beam_search(model, [PROMPTS[0]], cfg)[0]
     assert all(h.tokens[-1] in cfg.stop_tokens for h in hyps)
     assert hyps[0].score >= hyps[1].score
+
+
+# ----------------------------------------------------------------------------- penalties and the step hook
+
+
+def test_presence_penalty_stops_greedy_repeating_a_token(model):
+    plain = generate(model, [PROMPTS[0]], GenerationConfig(max_new_tokens=12, temperature=0))[0]
+    assert len(set(plain)) < len(plain)  # the random model repeats itself greedily
+    penalised = generate(model, [PROMPTS[0]], GenerationConfig(max_new_tokens=12, temperature=0, presence_penalty=2.0,
+                                                               frequency_penalty=2.0))[0]
+    assert len(set(penalised)) > len(set(plain))
+
+
+def test_frequency_and_presence_penalties_subtract_counts():
+    logits = torch.zeros(1, 4)
+    counts = torch.tensor([[0.0, 1.0, 3.0, 0.0]])
+    from models.sampling import apply_frequency_presence
+    assert apply_frequency_presence(logits, counts, 0.5, 1.0).tolist() == [[0.0, -1.5, -2.5, 0.0]]
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        GenerationConfig(frequency_penalty=2.5)
+
+
+def test_on_step_sees_raw_logits_and_ends_rows(model):
+    cfg = GenerationConfig(max_new_tokens=10, temperature=0)   # greedy: rows independent of each other
+    full = generate(model, PROMPTS[:3], cfg)
+    seen: list[tuple[list[int], list[int]]] = []
+
+    def hook(rows, tokens, logits):
+        assert logits.shape == (len(rows), model.config.vocab_size)
+        seen.append((rows.tolist(), tokens.tolist()))
+        return [1] if len(seen) == 4 else None      # row 1 ends after its 4th token
+
+    cut = generate(model, PROMPTS[:3], cfg, on_step=hook)
+    assert cut[0] == full[0] and cut[2] == full[2] and cut[1] == full[1][:4]
+    assert [r for r, _ in seen][4] == [0, 2]        # the ended row left the batch
+    assert [tok[0] for _, tok in seen] == full[0]   # the hook saw every token as it was drawn
