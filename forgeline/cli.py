@@ -9,6 +9,7 @@
     forgeline run llm [stage.key=value ...] [--no-push] [--wait-s S]   # any flows/<pipeline>.py
     forgeline run --list                               # every pipeline and its stages
     forgeline serve [--host 127.0.0.1] [--port 8000]   # the online side: serve/app.py under uvicorn
+    forgeline feedback export [--no-dvc]               # chat page ratings -> data/feedback/pairs.jsonl (DVC)
 
 Also `python -m forgeline ...`. Run from anywhere: the workspace is the repo this package lives in.
 """
@@ -55,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     p_serve = sub.add_parser("serve", help="the FastAPI app of serve/ (every pipeline's endpoints) under uvicorn")
     p_serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     p_serve.add_argument("--port", type=int, default=8000)
+    p_fb = sub.add_parser("feedback", help="the chat page's ratings (forgeline/feedback.py)")
+    p_fb_export = p_fb.add_subparsers(dest="feedback_command", required=True).add_parser(
+        "export", help="ratings -> preference pairs in data/feedback/pairs.jsonl, then `dvc add` it")
+    p_fb_export.add_argument("--store", help="the records' folder (default $FORGELINE_FEEDBACK_DIR or .forgeline/feedback)")
+    p_fb_export.add_argument("--out", help="the pairs file (default data/feedback/pairs.jsonl)")
+    p_fb_export.add_argument("--no-dvc", action="store_true", help="write the file only, no `dvc add`")
     args = parser.parse_args(argv)
     # the stack is on loopback: its clients (Prefect's httpx, MLflow's requests) must not use a proxy
     os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
@@ -111,6 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(ROOT)
         os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "--factory", "serve.app:create_app",
                                   "--host", args.host, "--port", str(args.port)])
+    if args.command == "feedback":
+        from pathlib import Path
+
+        from forgeline.feedback import PAIRS, export
+
+        found = export(Path(args.store) if args.store else None, Path(args.out) if args.out else PAIRS,
+                       dvc=not args.no_dvc)
+        print(f"feedback: {found['records']} records, {found['replies']} replies (rated {found['rated']}) -> "
+              f"{sum(found['pairs'].values())} pairs {found['pairs']} in {found['out']}"
+              + ("" if args.no_dvc else f"; dvc add done: commit {found['out']}.dvc"))
+        return 0
     if args.command == "plan":
         from forgeline.config import ConfigError
         from forgeline.plan import format_plan, plan_pipeline

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
+from serve import page
+
 # (pipeline, its router): e.g. ("rag", serve.rag.router) once the RAG pipeline serves queries
 ROUTERS: list[tuple[str, APIRouter]] = []
+ROUTERS.append(("page", page.router))   # the web chat page at / and POST /v1/feedback
 
 
 def create_app(routers: list[tuple[str, APIRouter]] | None = None) -> FastAPI:

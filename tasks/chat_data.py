@@ -37,6 +37,14 @@ from verifiable prompts of the same split; chosen is always the correct answer. 
 `pref_pairs` in configs/chat_data.yaml sets how many pairs of each rule a prompt gets (distinct
 rejected answers; fewer where a rule has fewer). `card.md` in the output lists the counts.
 
+**Feedback pairs**: the chat page's ratings, as `forgeline feedback export` made them
+(forgeline/feedback.py: `better_answer`, a reply rated down against the user's better answer;
+`thumbs_up`, against a reply rated up to the same conversation), read from `feedback`
+(data/feedback/pairs.jsonl, a DVC-tracked file; none before the first export) and merged with the
+rule-made pairs: task `feedback`, the stage's system prompt put first, split by the conversation.
+Every pair says where it came from in `provenance`: `rule` or `feedback` (the latter also names
+its feedback `records`).
+
     python -m tasks.chat_data [key=value ...]
 """
 from __future__ import annotations
@@ -53,7 +61,7 @@ from pathlib import Path
 
 from prefect import task
 
-from forgeline.chat import parse_chat, render_chat, write_jsonl
+from forgeline.chat import parse_chat, read_jsonl, render_chat, write_jsonl
 from forgeline.config import ConfigError, config_dict, load_config
 from forgeline.workspace import run_stage
 
@@ -96,6 +104,7 @@ class ChatDataConfig:
     pref_pairs: dict[str, int] = field(default_factory=lambda: {"wrong_answer": 3, "off_topic": 1, "truncated": 1,
                                                                   "run_on": 1})
     seed: int = 0
+    feedback: str = ""                 # pairs from the chat page's ratings (forgeline feedback export); "" = none
 
     def check(self) -> None:
         if not 0 < self.val_fraction < 1:
@@ -307,8 +316,25 @@ def preference_pairs(items: list[dict], system_prompt: str, counts: dict, rng: r
         for rule in PAIR_RULES:
             for rejected in rejected_answers(rule, item, items, rng)[:counts.get(rule, 0)]:
                 pairs.append({"task": item["task"], "rule": rule, "prompt": prompt, "chosen": item["answer"],
-                              "rejected": rejected, "answer": item["answer"]})
+                              "rejected": rejected, "answer": item["answer"], "provenance": "rule"})
     return pairs
+
+
+def feedback_pairs(path: str, system_prompt: str, fraction: float) -> dict[str, list[dict]]:
+    """The feedback pairs at `path` in this stage's pair format, split by conversation; none if `path`
+    is "" or absent (before the first export). Its .dvc file without the data is an error, not "none"."""
+    out = {"train": [], "val": []}
+    if not path or not Path(path).exists():
+        if path and Path(path + ".dvc").exists():
+            raise FileNotFoundError(f"{path}.dvc is committed but {path} is not here: `dvc pull {path}` first")
+        return out
+    for row in read_jsonl(path):
+        turns = [m for m in row["prompt"] if m["role"] != "system"]
+        split = "val" if is_val("feedback|" + json.dumps(turns, sort_keys=True), fraction) else "train"
+        out[split].append({"task": "feedback", "rule": row["rule"], "answer": None, "provenance": "feedback",
+                           "prompt": [{"role": "system", "content": system_prompt}, *turns],
+                           "chosen": row["chosen"], "rejected": row["rejected"], "records": row["records"]})
+    return out
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -345,6 +371,8 @@ def chat_data(cfg: ChatDataConfig) -> dict:
 
     pref = {s: preference_pairs(verifiable[s], cfg.system_prompt, cfg.pref_pairs, random.Random(f"{cfg.seed}|pref|{s}"))
             for s in ("train", "val")}
+    for split, rows in feedback_pairs(cfg.feedback, cfg.system_prompt, cfg.val_fraction).items():
+        pref[split] += rows
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
@@ -354,6 +382,7 @@ def chat_data(cfg: ChatDataConfig) -> dict:
         write_jsonl(out / f"pref_{split}.jsonl", [{"id": f"pref-{split}-{i}", **r} for i, r in enumerate(pref[split])])
     summary = {f"sft_{s}": dict(sorted(Counter(r["source"] for r in sft[s]).items())) for s in sft}
     summary.update({f"pref_{s}": dict(sorted(Counter(r["rule"] for r in pref[s]).items())) for s in pref})
+    summary["pref_provenance"] = dict(sorted(Counter(r["provenance"] for s in pref for r in pref[s]).items()))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "card.md").write_text(card(summary))
     return summary

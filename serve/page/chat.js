@@ -1,0 +1,231 @@
+// The web chat page (serve/page.py serves it at /): a conversation with streamed replies from
+// POST /v1/chat/completions (stream: true, read as server-sent events), a session kept across reloads
+// (its id and turns in localStorage; the id goes to the service as `user` and `session_id`), and
+// on each reply thumbs up/down and an optional better answer, stored by POST /v1/feedback.
+"use strict";
+
+const SESSION_KEY = "forgeline.session";
+const log = document.getElementById("log");
+const form = document.getElementById("composer");
+const input = document.getElementById("prompt");
+const sendButton = document.getElementById("send");
+let model = "forgeline-llm";
+let session = localStorage.getItem(SESSION_KEY) || newSession();
+let turns = loadTurns();   // [{role, content, id?, model?, version?, rating?, better?}]
+
+function newSession() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  const id = "sess-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  localStorage.setItem(SESSION_KEY, id);
+  return id;
+}
+
+function loadTurns() {
+  try { return JSON.parse(localStorage.getItem(`forgeline.turns.${session}`)) || []; } catch { return []; }
+}
+
+function saveTurns() {
+  localStorage.setItem(`forgeline.turns.${session}`, JSON.stringify(turns));
+}
+
+// ---------------------------------------------------------------------------- rendering
+
+function bubble(role, text) {
+  const div = document.createElement("div");
+  div.className = `turn ${role}`;
+  const span = document.createElement("span");
+  span.className = "text";
+  span.textContent = text;
+  div.appendChild(span);
+  log.appendChild(div);
+  div.scrollIntoView({ block: "end" });
+  return div;
+}
+
+function render() {
+  log.replaceChildren();
+  document.getElementById("session").textContent = session;
+  turns.forEach((turn, i) => {
+    const div = bubble(turn.role, turn.content);
+    if (turn.role === "assistant" && turn.id) feedbackControls(div, i);
+  });
+}
+
+// thumbs up/down and a better answer under reply `i`; every change stores the reply's whole state
+function feedbackControls(div, i) {
+  const turn = turns[i];
+  const box = document.createElement("div");
+  box.className = "feedback";
+  const up = button("👍", "rate-up", "good reply");
+  const down = button("👎", "rate-down", "bad reply");
+  const open = button("Better answer…", "open-better", "write the answer you wanted");
+  const better = document.createElement("div");
+  better.className = "better";
+  const text = document.createElement("textarea");
+  text.className = "better-text";
+  text.rows = 2;
+  text.placeholder = "The answer you would have wanted";
+  text.value = turn.better || "";
+  const save = button("Save", "save-better", "store this better answer with a 👎");
+  const status = document.createElement("span");
+  status.className = "status muted";
+  better.append(text, save);
+  box.append(up, down, open, status, better);
+  div.appendChild(box);
+
+  const show = () => {
+    up.setAttribute("aria-pressed", String(turn.rating === "up"));
+    down.setAttribute("aria-pressed", String(turn.rating === "down"));
+  };
+  const store = async () => {
+    status.textContent = "saving…";
+    try {
+      await sendFeedback(i);
+      status.textContent = "saved";
+    } catch (e) {
+      status.textContent = `not saved: ${e.message}`;
+    }
+  };
+  up.onclick = () => { turn.rating = turn.rating === "up" ? null : "up"; show(); saveTurns(); store(); };
+  down.onclick = () => { turn.rating = turn.rating === "down" ? null : "down"; show(); saveTurns(); store(); };
+  open.onclick = () => { box.classList.toggle("open"); text.focus(); };
+  save.onclick = () => {
+    turn.better = text.value.trim() || null;
+    if (turn.better) turn.rating = "down";   // a better answer says this one was not good enough
+    show(); saveTurns(); store();
+  };
+  show();
+}
+
+function button(label, cls, title) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = cls;
+  b.textContent = label;
+  b.title = title;
+  return b;
+}
+
+// ---------------------------------------------------------------------------- the service
+
+function history(upto) {
+  return turns.slice(0, upto).map((t) => ({ role: t.role, content: t.content }));
+}
+
+async function sendFeedback(i) {
+  const turn = turns[i];
+  const res = await fetch("/v1/feedback", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ id: turn.id, session, messages: history(i), reply: turn.content, rating: turn.rating || null,
+                           better: turn.better || null, model: turn.model || model, model_version: turn.version || "" }),
+  });
+  if (!res.ok) throw new Error(await errorText(res));
+}
+
+async function errorText(res) {
+  try {
+    const body = await res.json();
+    return (body.error && body.error.message) || JSON.stringify(body);
+  } catch {
+    return `HTTP ${res.status}`;
+  }
+}
+
+// Server-sent events of a streamed completion: "data: {chunk}" blocks separated by a blank line,
+// ending with "data: [DONE]". Calls onChunk(parsed chunk) for each.
+async function readEvents(res, onChunk) {
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
+    let end;
+    while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
+      const data = block.split(/\r?\n/).filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+      if (!data) continue;
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message || "the service reported an error");
+      onChunk(chunk);
+    }
+    if (done) return;
+  }
+}
+
+async function ask(text) {
+  turns.push({ role: "user", content: text });
+  saveTurns();
+  bubble("user", text);
+  const reply = { role: "assistant", content: "" };
+  const div = bubble("assistant", "");
+  const span = div.querySelector(".text");
+  span.classList.add("streaming");
+  try {
+    const res = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model, messages: history(turns.length), stream: true, user: session, session_id: session }),
+    });
+    if (!res.ok) throw new Error(await errorText(res));
+    await readEvents(res, (chunk) => {
+      reply.id = reply.id || chunk.id;
+      reply.model = chunk.model || reply.model;
+      reply.version = chunk.system_fingerprint || reply.version;
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.content) {
+        reply.content += delta.content;
+        span.textContent = reply.content;
+        div.scrollIntoView({ block: "end" });
+      }
+    });
+  } catch (e) {
+    div.remove();
+    turns.pop();   // the question goes back to the input box: nothing half-answered stays in history
+    saveTurns();
+    log.lastElementChild && log.lastElementChild.remove();
+    input.value = text;
+    bubble("error", `No reply: ${e.message}`);
+    return;
+  } finally {
+    span.classList.remove("streaming");
+  }
+  turns.push(reply);
+  saveTurns();
+  feedbackControls(div, turns.length - 1);
+}
+
+// ---------------------------------------------------------------------------- wiring
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const text = input.value.trim();
+  if (!text || sendButton.disabled) return;
+  input.value = "";
+  sendButton.disabled = true;
+  try { await ask(text); } finally { sendButton.disabled = false; input.focus(); }
+});
+
+input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    form.requestSubmit();
+  }
+});
+
+document.getElementById("new-chat").onclick = () => {
+  localStorage.removeItem(`forgeline.turns.${session}`);
+  session = newSession();
+  turns = [];
+  render();
+};
+
+fetch("/v1/models").then((r) => (r.ok ? r.json() : null)).then((body) => {
+  if (body && body.data && body.data.length) model = body.data[0].id;
+  document.getElementById("model").textContent = model;
+}).catch(() => { document.getElementById("model").textContent = model; });
+
+render();
