@@ -1,6 +1,7 @@
 """The LLM pipeline, one Prefect task per DVC stage: ingest → validate → chunk → tokenizer → pretrain → evaluate,
 then alignment: chat_data → sft → reward → rlhf (PPO or DPO, configs/rlhf.yaml). The aligned model is
-registered in MLflow (forgeline-llm@candidate) and the run's report card written.
+registered in MLflow (forgeline-llm@candidate), the deploy gate weighs it against @champion (configs/deploy.yaml)
+and the run's report card is written.
 
 DVC decides what is stale; each stage is an MLflow child run under one parent run per pipeline run.
 
@@ -30,6 +31,7 @@ from forgeline.registry import register
 from forgeline.workspace import pipeline_run, push
 from tasks.chat_data import ChatDataConfig, chat_data_task
 from tasks.chunk import ChunkConfig, chunk_task
+from tasks.deploy import DeployConfig, deploy_task
 from tasks.evaluate import EvaluateConfig, evaluate_task
 from tasks.ingest import IngestConfig, ingest_task
 from tasks.pretrain import PretrainConfig, pretrain_task
@@ -42,7 +44,8 @@ from tasks.validate import ValidateConfig, ValidationFailed, validate_task
 
 STAGES = {"ingest": IngestConfig, "validate": ValidateConfig, "chunk": ChunkConfig,
           "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "evaluate": EvaluateConfig,
-          "chat_data": ChatDataConfig, "sft": SFTConfig, "reward": RewardConfig, "rlhf": RLHFConfig}
+          "chat_data": ChatDataConfig, "sft": SFTConfig, "reward": RewardConfig, "rlhf": RLHFConfig,
+          "deploy": DeployConfig}
 # the flow's parameters: per stage its optional overrides (a form in the Prefect UI), wait_s, push
 LLMParams = pipeline_params("LLMParams", STAGES)
 
@@ -75,6 +78,7 @@ def llm(params: LLMParams = LLMParams()) -> list[dict]:
         ]
         model = register_task(run)
         print(f"model: {model['uri']} ({'new version' if model['created'] else 'unchanged'}) from run {model['run_id']}")
+        results.append(deploy_task(run))  # after registering: the gate moves @champion or @challenger
         report_task(run)
         if params.push:
             push_task()

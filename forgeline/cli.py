@@ -5,6 +5,8 @@
     forgeline env                                      # `eval $(forgeline env)`: point a shell at the stack
     forgeline down                                     # stop exactly what `up` started
     forgeline lineage models:/forgeline-llm@candidate [--json] [--strict]   # or an MLflow run id
+    forgeline models [--json]                          # registered versions, aliases, the alias history
+    forgeline rollback [--reason TEXT]                 # champion back to the previous champion (recorded)
     forgeline plan llm [stage.key=value ...]           # which stages a run would rerun and why, time and memory
     forgeline run llm [stage.key=value ...] [--no-push] [--wait-s S]   # any flows/<pipeline>.py
     forgeline run --list                               # every pipeline and its stages
@@ -46,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     p_lin.add_argument("--json", action="store_true")
     p_lin.add_argument("--strict", action="store_true",
                        help="exit non-zero unless every check is OK (UNVERIFIED too, not only BROKEN)")
+    p_models = sub.add_parser("models", help="registered versions, their aliases and who moved which alias when")
+    p_models.add_argument("--name", default="forgeline-llm", help="registered model")
+    p_models.add_argument("--json", action="store_true")
+    p_rb = sub.add_parser("rollback", help="move champion back to the previous champion version, recorded")
+    p_rb.add_argument("--name", default="forgeline-llm", help="registered model")
+    p_rb.add_argument("--alias", default="champion")
+    p_rb.add_argument("--reason", default="", help="why, kept in the alias history")
     p_plan = sub.add_parser("plan", help="which stages a pipeline run would rerun and why; nothing runs")
     p_plan.add_argument("pipeline", help="flows/<pipeline>.py, e.g. llm")
     p_plan.add_argument("overrides", nargs="*", help="stage.key=value, as the flow takes them (not written)")
@@ -99,6 +108,21 @@ def main(argv: list[str] | None = None) -> int:
         result = trace(args.target)
         print(json.dumps(result, indent=2, default=str) if args.json else format_trace(result))
         return exit_code(result, strict=args.strict)
+    if args.command in ("models", "rollback"):
+        from forgeline import registry
+
+        _use_stack_tracking()
+        if args.command == "models":
+            info = registry.models(args.name)
+            print(json.dumps(info, indent=2) if args.json else registry.format_models(info))
+            return 0
+        try:
+            event = registry.rollback(args.alias, args.reason, name=args.name)
+        except LookupError as e:
+            print(f"forgeline rollback: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.name}@{event['alias']}: v{event['from']} -> v{event['to']} (rollback, recorded in the alias history)")
+        return 0
     if args.command == "run":
         from forgeline.pipelines import pipelines
 

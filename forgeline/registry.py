@@ -7,10 +7,22 @@ MLflow run and the DVC md5 of the stage output the weights came from.
 
     register("rlhf", parent_run_id, flow_run_id)   # the flow's last step
     model = load_model("models:/forgeline-llm@candidate")  # a GPT, no pickle involved
+
+**Alias history.** MLflow keeps only where an alias points now. Every move made here (`move_alias`:
+registration, the deploy gate, `forgeline rollback`) also writes one registered-model tag
+`forgeline.alias_history.<ns since epoch>` = JSON {alias, from, to, kind, at, by, via, reason}, so the
+history lives in the registry itself (sqlite, PostgreSQL or a server alike) and sorts by its key.
+`rollback` replays it: each promotion pushes a champion, each rollback pops one, and the alias goes
+back to the version below the top.
+
+    forgeline models                 # versions, aliases, the alias history
+    forgeline rollback [--reason ..] # champion back to the previous champion, recorded
 """
 from __future__ import annotations
 
+import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +30,9 @@ from forgeline.tracking import init_tracking, tracking_uri
 
 MODEL_NAME = "forgeline-llm"
 ALIAS = "candidate"
+CHAMPION = "champion"       # what serving runs; moved by the deploy gate and `forgeline rollback`
+CHALLENGER = "challenger"   # the last candidate the gate turned down
+HISTORY_TAG = "forgeline.alias_history."
 
 
 def has_model(client, run_id: str) -> bool:
@@ -83,7 +98,8 @@ def register(stage: str, parent_run_id: str, flow_run_id: str = "", alias: str =
         tags.update({k: v for k, v in producer.data.tags.items() if k.startswith(("dvc.out.", "lineage.upstream."))})
         version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags,
                                               description=f"{stage} run {run_id}")
-    client.set_registered_model_alias(name, alias, version.version)
+    move_alias(alias, version.version, kind="register", reason=f"registered from {stage} run {run_id}",
+               via=f"flow run {flow_run_id}" if flow_run_id else "", name=name, client=client)
     client.set_tag(child.info.run_id, "forgeline.model_version", f"{name}/{version.version}")
     return {"name": name, "version": int(version.version), "run_id": run_id, "created": created,
             "uri": f"models:/{name}/{version.version}"}
@@ -116,3 +132,131 @@ def load_model(uri: str = f"models:/{MODEL_NAME}@{ALIAS}", device: str = "cpu"):
 
     with tempfile.TemporaryDirectory(prefix="forgeline-model-") as tmp:
         return load_model_folder(download(uri, tmp), device=device)
+
+
+# ----------------------------------------------------------------------------- aliases and their history
+
+
+def mlflow_client():
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri())
+
+
+def _who() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (a container)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def aliases(name: str = MODEL_NAME, client=None) -> dict[str, int]:
+    """{alias: version} of the registered model; {} when it is not registered yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {a: int(v) for a, v in (client or mlflow_client()).get_registered_model(name).aliases.items()}
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+
+
+def move_alias(alias: str, version: int | str, kind: str, reason: str, via: str = "", name: str = MODEL_NAME,
+               client=None) -> dict[str, Any] | None:
+    """Point `alias` at `version` and append the move to the alias history. Returns the history entry,
+    or None when the alias already points there (nothing moved, nothing recorded).
+
+    kind: register | promote | challenger | rollback | set; via: the run or command that moved it."""
+    client = client or mlflow_client()
+    before = aliases(name, client).get(alias)
+    if before == int(version):
+        return None
+    client.set_registered_model_alias(name, alias, str(version))
+    event = {"alias": alias, "from": before, "to": int(version), "kind": kind,
+             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": _who(), "via": via,
+             "reason": reason[:2000]}
+    client.set_registered_model_tag(name, f"{HISTORY_TAG}{time.time_ns():020d}", json.dumps(event))
+    return event
+
+
+def alias_history(name: str = MODEL_NAME, alias: str | None = None, client=None) -> list[dict[str, Any]]:
+    """Every recorded alias move of the registered model (or of one alias), oldest first."""
+    client = client or mlflow_client()
+    tags = client.get_registered_model(name).tags
+    events = [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(HISTORY_TAG)]
+    return [e for e in events if alias is None or e["alias"] == alias]
+
+
+def champion_stack(events: list[dict[str, Any]]) -> list[int]:
+    """The champions still standing, oldest first, from one alias's history: a move pushes its
+    version (unless it is already on top), a rollback pops the version it left."""
+    stack: list[int] = []
+    for e in events:
+        if e["kind"] == "rollback":
+            if stack and stack[-1] == e["from"]:
+                stack.pop()
+            if not stack or stack[-1] != e["to"]:
+                stack.append(e["to"])
+        elif not stack or stack[-1] != e["to"]:
+            stack.append(e["to"])
+    return stack
+
+
+def rollback(alias: str = CHAMPION, reason: str = "", via: str = "forgeline rollback", name: str = MODEL_NAME,
+             client=None) -> dict[str, Any]:
+    """Move `alias` back to the version it pointed at before the current one, and record it.
+
+    Repeated rollbacks walk further back (v1, v2, v3 promoted: rollback -> v2, again -> v1). An alias
+    moved outside this history (by hand in the MLflow UI) goes back to the last version the history knows."""
+    client = client or mlflow_client()
+    current = aliases(name, client).get(alias)
+    stack = champion_stack(alias_history(name, alias, client))
+    if stack and stack[-1] != current:
+        target = stack[-1]
+    elif len(stack) >= 2:
+        target = stack[-2]
+    else:
+        raise LookupError(f"{name}@{alias}: no earlier version in its alias history to roll back to "
+                          f"(history: {stack or 'empty'})")
+    event = move_alias(alias, target, kind="rollback", reason=reason or f"rolled back from version {current}",
+                       via=via, name=name, client=client)
+    assert event is not None  # target != current by construction
+    return event
+
+
+def models(name: str = MODEL_NAME, client=None) -> dict[str, Any]:
+    """What `forgeline models` shows: every version with its aliases and deploy decision, and the alias history."""
+    client = client or mlflow_client()
+    where = aliases(name, client)
+    if not where and not client.search_registered_models(f"name = '{name}'"):
+        return {"name": name, "registered": False, "versions": [], "aliases": {}, "history": []}
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    rows = [{"version": int(v.version), "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(v.creation_timestamp / 1000)),
+             "aliases": sorted(a for a, n in where.items() if n == int(v.version)), "run_id": v.run_id,
+             "stage": v.tags.get("forgeline.stage", ""), "deploy": v.tags.get("forgeline.deploy.decision", ""),
+             "failed": v.tags.get("forgeline.deploy.failed", "")} for v in versions]
+    return {"name": name, "registered": True, "versions": rows, "aliases": where,
+            "history": alias_history(name, client=client)}
+
+
+def format_models(info: dict[str, Any]) -> str:
+    if not info["registered"]:
+        return f"{info['name']}: not registered yet (a pipeline run registers it)"
+    lines = [f"{info['name']}: " + ", ".join(f"@{a} -> v{v}" for a, v in sorted(info["aliases"].items())), "",
+             f"{'version':>7}  {'created (UTC)':<16}  {'aliases':<22}  {'deploy gate':<10}  run"]
+    for r in info["versions"]:
+        lines.append(f"{r['version']:>7}  {r['created']:<16}  {','.join(r['aliases']) or '-':<22}  "
+                     f"{r['deploy'] or '-':<10}  {r['run_id']}" + (f"\n{'':>9}failed: {r['failed']}" if r["failed"] else ""))
+    lines += ["", "alias history (oldest first):"]
+    for e in info["history"]:
+        src = "none" if e["from"] is None else f"v{e['from']}"
+        lines.append(f"  {e['at']}  @{e['alias']}: {src} -> v{e['to']}  [{e['kind']}] by {e['by']}"
+                     + (f" via {e['via']}" if e["via"] else "") + f": {e['reason']}")
+    if not info["history"]:
+        lines.append("  (none recorded)")
+    return "\n".join(lines)

@@ -351,6 +351,11 @@ def _sections(cfg: ReportConfig, data: Path, plots: dict[str, str], timings: lis
             lines += [f"![Seconds per stage]({plots['timings']})", ""]
     else:
         lines += ["*Built outside a pipeline run: no stage timings.*", ""]
+
+    # ---- deployment: the deploy stage writes its own section (tasks/deploy.py render)
+    lines += ["## 7. Deployment decision", ""]
+    decision = data / "deploy" / "decision.md"
+    lines += [decision.read_text(), ""] if decision.exists() else ["*No deploy decision in this workspace.*", ""]
     return lines
 
 
