@@ -21,7 +21,9 @@ from safetensors.torch import save_model
 
 from forgeline import registry
 from forgeline.chat import read_jsonl, render_chat
+from forgeline.checkpoint import save_model_folder
 from models.gpt import GPT, GPTConfig
+from models.reward_model import RewardModel
 from tasks.chat_data import ChatDataConfig, chat_data
 from tasks.deploy import DeployConfig, apply_decision, decide, deploy, render
 from tasks.tokenizer import train_bpe
@@ -95,7 +97,7 @@ def test_unmeasured_safety_is_said_not_passed_silently():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """chat data, and two model folders (small, and 3x deeper and wider: slower) sharing one tokenizer."""
+    """chat data, two model folders (small, and 3x deeper and wider: slower) and a reward model folder, one tokenizer."""
     root = tmp_path_factory.mktemp("deploy")
     data = root / "chat_data"
     chat_data(ChatDataConfig(pydocs=str(ROOT / "data/raw/pydocs/pydocs_head.txt.gz"),
@@ -105,6 +107,10 @@ def world(tmp_path_factory):
     tok = train_bpe([render_chat(r["messages"]) for r in read_jsonl(data / "sft_train.jsonl")], vocab_size=300,
                     min_frequency=1)
     folders = {}
+    torch.manual_seed(0)
+    rm_cfg = GPTConfig(vocab_size=300, block_size=128, n_layer=1, n_head=2, n_embd=32)
+    tok.save(str(root / "tokenizer.json"))
+    folders["reward"] = save_model_folder(root / "reward", RewardModel(rm_cfg), rm_cfg, root / "tokenizer.json")
     for name, (layers, width) in {"small": (1, 32), "big": (3, 96)}.items():
         folder = root / name
         folder.mkdir()
@@ -153,8 +159,9 @@ def register_folder(store: dict, folder: Path) -> int:
 
 def cfg_for(world: dict, tmp: Path, candidate: Path, **kw) -> DeployConfig:
     """Small sets; floors a random model passes (accuracy 0) unless a test says otherwise."""
-    base = dict(candidate_dir=str(tmp / "rlhf"), data_dir=str(world["data"]), out_dir=str(tmp / "deploy"),
-                quality_rows=12, latency_prompts=6, warmup_prompts=1, serve_max_tokens=8, floor_accuracy=0.0,
+    base = dict(candidate_dir=str(tmp / "rlhf"), data_dir=str(world["data"]), reward_dir=str(world["reward"]),
+                out_dir=str(tmp / "deploy"), quality_rows=12, latency_prompts=6, warmup_prompts=1, serve_max_tokens=8,
+                serve_best_of=2, floor_accuracy=0.0,
                 max_drop_accuracy=1.0, ceiling_latency_p95_ms=60_000.0, max_rise_latency_p95=100.0)
     base.update(kw)
     shutil.copytree(candidate, tmp / "rlhf", dirs_exist_ok=True)  # data/rlhf: what the candidate stage wrote
