@@ -7,7 +7,7 @@
 Each step is a small unit (serve/llm/guard.py, enhance.py, generate.py, sessions.py) and writes its
 decisions into the reply's trace (also logged, one JSON line per request, logger `forgeline.serve.llm`).
 
-    a = Assistant.from_folders("data/rlhf", reward_dir="data/reward", guard_dir="data/safety")
+    a = Assistant.from_folders("data/rlhf", reward_dir="data/reward", guard_dir="data/safety/guard")
     r = a.chat([{"role": "user", "content": "What is 2 + 3?"}], best_of=4, max_tokens=32, seed=0)
     r.text, r.refused, r.reason, r.trace, r.usage
     for ev in a.stream([{"role": "user", "content": "hi"}]):   # StreamDelta(text)..., then the Reply
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
-from serve.llm.enhance import ContextTooLong, PromptEnhancer
+from serve.llm.enhance import ContextTooLong, Enhanced, PromptEnhancer
 from serve.llm.generate import Candidate, GenSettings, ResponseGenerator, RewardScorer, select_best
-from serve.llm.guard import Verdict, as_verdict, rejection_reply, secret_leak
+from serve.llm.guard import Verdict, as_verdict, check_secret, rejection_reply
 from serve.llm.sessions import SessionStore
 
 log = logging.getLogger("forgeline.serve.llm")
@@ -137,7 +137,7 @@ class Assistant:
         if guard is None and guard_dir is not None:
             from forgeline.safety import Guard
 
-            guard = Guard.load(guard_dir)
+            guard = Guard.load(guard_dir)   # the safety stage's model folder (data/safety/guard)
         return cls(model, tok, rm, guard, cfg, name=name or str(model_dir))
 
     # ------------------------------------------------------------------ the steps
@@ -148,13 +148,11 @@ class Assistant:
         return as_verdict(self.guard.check_input(text), "input_unsafe")
 
     def check_output(self, text: str, full: bool = True) -> Verdict:
-        """The response safety evaluator: the secret first (cheap, every call), then the guard (full=True)."""
-        how = secret_leak(text, self.canary)
-        if how:
-            return Verdict(False, "secret_leak", f"canary:{how}")
+        """The response safety evaluator: the guard with the canary as a secret (full=True), or the canary
+        rule alone (full=False, or no guard)."""
         if full and self.guard is not None:
-            return as_verdict(self.guard.check_output(text), "output_unsafe")
-        return Verdict(True)
+            return as_verdict(self.guard.check_output(text, secrets=[self.canary]), "output_unsafe")
+        return check_secret(text, self.canary)
 
     def moderate(self, text: str) -> Verdict:
         """The input filter alone (POST /v1/moderations)."""
@@ -231,8 +229,9 @@ class Assistant:
         verdict = why if isinstance(why, Verdict) else Verdict(False, why)
         detail = {"session_turn_limit": f" ({self.cfg.session_max_turns})",
                   "session_token_limit": f" ({self.cfg.session_max_tokens} tokens)"}.get(verdict.reason, "")
-        text = rejection_reply(verdict.reason, verdict.category, detail)
-        trace.append({"step": "rejection", "decision": verdict.reason, "category": verdict.category})
+        text = rejection_reply(verdict.reason, verdict.category if verdict.reason.endswith("_unsafe") else "", detail)
+        trace.append({"step": "rejection", "decision": verdict.reason, "category": verdict.category,
+                      "message": verdict.message})
         usage = _usage(prompt_tokens, completion_tokens)
         return Reply(text, True, verdict.reason, trace, usage, [Choice(text, "content_filter")] * n, self.name)
 
@@ -285,6 +284,41 @@ class Assistant:
             choices.append(Choice(c.text, c.finish_reason, c.logprobs, c.score))
         reason = "timeout" if any(c.timed_out for c in kept) else ""
         return Reply(choices[0].text, False, reason, trace, _usage(prompt_tokens, completion_tokens), choices, self.name)
+
+    def complete(self, prompt: str, *, n: int = 1, best_of: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, max_tokens: int | None = None, stop=None, seed: int | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, repetition_penalty: float = 1.0, timeout_s: float | None = None) -> Reply:
+        """A raw prompt continued (POST /v1/completions): no template, no system prompt; the same guards,
+        best-of-N (the reward model reads the prompt as a user turn) and limits."""
+        n, s = self._settings(n, best_of, temperature, top_p, max_tokens, stop, seed, logprobs, top_logprobs,
+                              frequency_penalty, presence_penalty, repetition_penalty, timeout_s)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError("prompt: a non-empty string", "prompt")
+        if len(prompt) > self.cfg.max_prompt_chars:
+            raise RequestError(f"the prompt holds {len(prompt)} characters; at most {self.cfg.max_prompt_chars}",
+                               "prompt", "context_length_exceeded")
+        trace: list[dict] = []
+        t0 = time.perf_counter()
+        verdict = self._check_input(prompt)
+        trace.append({"step": "input_filter", "decision": "allowed" if verdict.allowed else verdict.reason,
+                      "category": verdict.category, "scores": verdict.scores, "ms": _ms(t0)})
+        if not verdict.allowed:
+            return self._finish(trace, None, [], self._refusal(verdict, trace, n=n))
+        ids = self.tok.encode(prompt, add_special_tokens=False).ids
+        room = self.context - len(ids)
+        if room < self.cfg.min_reply_tokens:
+            raise RequestError(f"the prompt takes {len(ids)} of the model's {self.context} tokens, leaving "
+                               f"{max(room, 0)} for the reply", "prompt", "context_length_exceeded")
+        if room < s.max_new_tokens:
+            trace.append({"step": "prompt_enhancer", "decision": "max_tokens_reduced", "from": s.max_new_tokens, "to": room})
+            s = _replace(s, max_new_tokens=room)
+        t0 = time.perf_counter()
+        cands = self.generator(ids, s)
+        trace.append({"step": "generator", "decision": "generated", "candidates": len(cands),
+                      "tokens": [c.generated for c in cands], "ms": _ms(t0)})
+        enhanced = Enhanced(ids, [{"role": "user", "content": prompt}], s.max_new_tokens)
+        return self._finish(trace, None, [], self._rank_and_check(enhanced, cands, n, trace))
 
     def stream(self, messages: list[dict], **kw) -> Iterator[StreamDelta | Reply]:
         """The reply as it is written: StreamDelta pieces, then the final Reply (its text = the pieces joined).

@@ -1,94 +1,49 @@
-"""The guard steps of the pipeline (book ch. 4.4): the input safety filter, the response safety evaluator, the
-system prompt's secret kept out of every reply, and the rejection response generator.
+"""The guard steps of the pipeline (book ch. 4.4): the input safety filter, the response safety evaluator and the
+rejection response generator, over forgeline/safety.py's Guard (rules plus the `safety` stage's classifier):
 
-The classifier and the PII rules are forgeline/safety.py's Guard (the `safety` stage's model); this module only
-calls it, through two methods any guard provides:
+    guard.check_input(text) -> safety.Verdict          guard.check_output(text, secrets=[canary]) -> safety.Verdict
 
-    guard.check_input(text) -> verdict      guard.check_output(text) -> verdict
-
-where a verdict has `allowed: bool` (or `flagged`), and optionally `reason`, `category` and `scores`.
-
-**The canary.** The system prompt carries a secret; `secret_leak` finds it in a reply written plainly, in other
-case, spaced or dotted letters, reversed, ROT13, base64 or hex, whole or any 8 characters of it in a row. The
-evaluator runs it on every reply (and on a stream before each piece is released), so the secret stays in
-whatever the small model writes: enforced, not left to luck.
+**The canary.** The system prompt carries a secret. The evaluator passes it to `check_output` on every reply, and
+a stream runs forgeline.safety's `leaked_secret` on the text after every token (the guard's full check every few
+tokens), so no piece holding the secret, plainly or encoded, is released: enforced, not left to the small model.
+Without a guard (a bare model folder) the canary rule still runs.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import codecs
-import re
 from dataclasses import dataclass, field
 
-FRAGMENT = 8          # this many characters of the secret in a row count as a leak
+from forgeline.safety import leaked_secret
+
+RULE_REASONS = ("secret_leak", "pii", "prompt_extraction")   # categories that name their own refusal
 
 
 @dataclass
 class Verdict:
     allowed: bool
-    reason: str = ""              # machine-readable: input_unsafe, output_unsafe, secret_leak, pii, ...
-    category: str = ""            # what the guard saw (e.g. violence, pii:email)
+    reason: str = ""              # why refused: input_unsafe, output_unsafe, secret_leak, pii, prompt_extraction, ...
+    category: str = ""            # what the guard saw (e.g. violence_weapons, pii)
     scores: dict = field(default_factory=dict)
+    message: str = ""             # the guard's sentence on it (never the secret or the PII itself)
 
 
-def as_verdict(v, reason: str) -> Verdict:
-    """A guard's answer as a Verdict: objects with `allowed` or `flagged`, or a bool (True = allowed)."""
-    if isinstance(v, Verdict):
-        return v
-    if isinstance(v, bool):
-        return Verdict(v, "" if v else reason)
-    allowed = bool(v.allowed) if hasattr(v, "allowed") else not bool(v.flagged)
-    category = str(getattr(v, "category", "") or "")
-    scores = dict(getattr(v, "scores", None) or {})
-    return Verdict(allowed, "" if allowed else (getattr(v, "reason", "") or reason), category, scores)
+def as_verdict(v, default_reason: str) -> Verdict:
+    """forgeline.safety's Verdict (flagged, category, score, reason) as this pipeline's."""
+    if not v.flagged:
+        return Verdict(True, scores={"harm": float(v.score)})
+    reason = v.category if v.category in RULE_REASONS else default_reason
+    return Verdict(False, reason, v.category, {v.category: float(v.score)}, v.reason)
 
 
-def _alnum(text: str) -> str:
-    return re.sub(r"[^0-9a-z]", "", text.lower())
-
-
-def _decoded_runs(text: str) -> list[str]:
-    """Text hidden in base64 (standard or URL-safe) or hex runs of >= 12 characters in `text`, each tried
-    from its first few offsets (a run may start mid-group); undecodable ones skipped."""
-    out = []
-    for run in re.findall(r"[A-Za-z0-9+/=_-]{12,}", text):
-        std = run.replace("-", "+").replace("_", "/").rstrip("=")
-        for start in range(4):
-            part = std[start:]
-            try:
-                out.append(base64.b64decode(part[: len(part) // 4 * 4], validate=True).decode("latin-1"))
-            except (binascii.Error, ValueError):
-                pass
-        for start in range(2):
-            part = run[start:]
-            try:
-                out.append(bytes.fromhex(part[: len(part) // 2 * 2]).decode("latin-1"))
-            except ValueError:
-                pass
-    return out
-
-
-def secret_leak(text: str, secret: str) -> str | None:
-    """How `text` gives away `secret` ('plain', 'reversed', 'rot13', 'encoded'), or None.
-
-    Compared on letters and digits only, lower-cased, so spacing, dots, dashes and case do not hide it;
-    any FRAGMENT characters of it in a row count."""
-    key = _alnum(secret)
-    if not key:
-        return None
-    frags = {key[i:i + FRAGMENT] for i in range(max(1, len(key) - FRAGMENT + 1))}
-    forms = {"plain": _alnum(text), "reversed": _alnum(text)[::-1], "rot13": _alnum(codecs.encode(text, "rot13"))}
-    forms["encoded"] = "|".join(_alnum(d) for d in _decoded_runs(text))
-    for how, form in forms.items():
-        if any(f in form for f in frags):
-            return how
-    return None
+def check_secret(text: str, secret: str) -> Verdict:
+    """The canary rule alone: cheap enough to run after every streamed token."""
+    how = leaked_secret(text, secret)
+    return Verdict(False, "secret_leak", "secret_leak", {"secret_leak": 1.0},
+                   f"the reply contains a protected secret ({how})") if how else Verdict(True)
 
 
 def rejection_reply(reason: str, category: str = "", detail: str = "") -> str:
     """The reply the user gets instead of an answer: what happened and what they can do; never empty."""
-    what = f" ({category})" if category else ""
+    what = f" ({category.replace('_', ' ')})" if category else ""
     replies = {
         "input_unsafe": f"I can't help with that request: my safety check flagged it{what}. "
                         "If I misread you, please rephrase what you need.",
@@ -96,10 +51,11 @@ def rejection_reply(reason: str, category: str = "", detail: str = "") -> str:
                          "Please try asking in another way.",
         "secret_leak": "I can't share my instructions or anything secret they contain. "
                        "Ask me something else and I'll gladly help.",
-        "pii": f"I can't help with personal data{what}. Please leave out names, addresses, numbers and the like.",
+        "prompt_extraction": "I can't show or repeat my instructions. Ask me something else and I'll gladly help.",
+        "pii": "I can't take or give personal data such as card, account or ID numbers and credentials. "
+               "Please leave them out and ask again.",
         "session_turn_limit": f"This conversation has reached its limit of turns{detail}. Please start a new session.",
         "session_token_limit": f"This conversation has used up its token budget{detail}. Please start a new session.",
         "empty_reply": "I couldn't come up with an answer to that. Could you ask it in another way?",
-        "timeout": "I ran out of time writing the answer. Please try a shorter question.",
     }
-    return replies.get(reason, f"I can't answer that request ({reason}). Please try again or rephrase it.")
+    return replies.get(reason, f"I can't answer that request ({reason.replace('_', ' ')}). Please rephrase it.")

@@ -28,7 +28,7 @@ class SessionStore:
     def _expire(self, now: float) -> None:
         while self._sessions:
             sid, s = next(iter(self._sessions.items()))
-            if now - s.last_used <= self.ttl_s and len(self._sessions) <= self.max_sessions:
+            if now - s.last_used <= self.ttl_s:
                 break
             del self._sessions[sid]
 
@@ -40,6 +40,8 @@ class SessionStore:
             s = self._sessions.pop(session_id, None) or Session()
             s.last_used = now
             self._sessions[session_id] = s
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
             return s
 
     def over_limit(self, s: Session) -> str | None:
