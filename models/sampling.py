@@ -168,10 +168,15 @@ def padded_forward(model, idx: torch.Tensor, cache: KVCache, pos: torch.Tensor,
 class _Batch:
     """Prompts as one left-padded batch sharing a KV cache: forward new tokens, reorder rows."""
 
-    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad: int):
+    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad: int,
+                 prompt_cache: PromptCache | None = None):
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         self.model = model
+        self.cached_logits = None
+        if prompt_cache is not None:
+            self._from_prompt_cache(prompts, max_new_tokens, prompt_cache)
+            return
         lengths = torch.tensor([len(p) for p in prompts])
         width = int(lengths.max())
         total = width + max_new_tokens
@@ -189,10 +194,26 @@ class _Batch:
             self.offset = (width - lengths).to(device)                    # pad slots before row i's tokens
             self.key_valid = torch.arange(total, device=device)[None, :] >= self.offset[:, None]
 
+    def _from_prompt_cache(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pc: PromptCache) -> None:
+        """One prompt whose keys and values `pc` already holds: prefill then runs nothing. The batch
+        gets its own KVCache over pc's tensors; it writes only past pc's prompt (and reorder copies),
+        so pc stays valid for the next call."""
+        if len(prompts) != 1 or list(prompts[0]) != pc.tokens:
+            raise ValueError("a prompt cache serves exactly the one prompt it holds")
+        width = len(pc.tokens)
+        if width + max_new_tokens > pc.cache.max_len:
+            raise ValueError(f"prompt cache holds {pc.cache.max_len} positions; need {width + max_new_tokens}")
+        device = pc.logits.device
+        self.prompt = torch.as_tensor([pc.tokens], dtype=torch.long, device=device)
+        self.cache = KVCache(len(pc.cache.k), pc.cache.max_len)
+        self.cache.k, self.cache.v, self.cache.length = list(pc.cache.k), list(pc.cache.v), width
+        self.ragged = False
+        self.cached_logits = pc.logits
+
     def prefill(self, copies: int = 1) -> torch.Tensor:
         """Run the prompts once, then give each `copies` rows (beams, samples) sharing its cache:
         next-token logits (N * copies, V), copies of a prompt adjacent."""
-        logits = self.forward(self.prompt)
+        logits = self.cached_logits if self.cached_logits is not None else self.forward(self.prompt)
         if copies > 1:
             rows = torch.arange(self.prompt.size(0), device=self.prompt.device).repeat_interleave(copies)
             self.reorder(rows)
@@ -301,12 +322,60 @@ def _sample(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, gen:
     return [out[i, :n].tolist() for i, n in enumerate(lengths.tolist())]
 
 
+# ----------------------------------------------------------------------------- a prompt cache kept between calls
+
+
+@dataclass
+class PromptCache:
+    """One prompt's KV cache (batch 1) kept between calls: Smart Compose keeps the previous keystroke's.
+
+    tokens: the prompt it holds; cache: its keys and values (room for cache.max_len positions);
+    logits: (1, V) fp32 next-token logits after the prompt.
+    """
+    tokens: list[int]
+    cache: KVCache
+    logits: torch.Tensor
+
+
+@torch.no_grad()
+def extend_prompt_cache(model, prompt: Sequence[int], prev: PromptCache | None, capacity: int
+                        ) -> tuple[PromptCache, int]:
+    """A PromptCache for `prompt` that reuses `prev` for the longest token prefix they share: only
+    the tokens after it run through the model (a typed character usually changes the last token or
+    adds one; a backspace drops some). Returns (cache, tokens computed). `prev` is spent: its
+    KVCache is truncated and extended in place. capacity: positions to allocate for a fresh cache
+    (prompt + new tokens to come); a prev with less room than the prompt is not reused.
+    """
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("the prompt needs at least one token")
+    common = 0
+    if prev is not None and prev.cache.max_len >= len(prompt):
+        while common < min(len(prompt), len(prev.tokens)) and prompt[common] == prev.tokens[common]:
+            common += 1
+        if common == len(prompt) == len(prev.tokens):
+            return prev, 0
+        common = min(common, len(prompt) - 1)  # the last token runs again: its logits are the output
+    if common == 0:
+        cache = KVCache(model.config.n_layer, max(capacity, len(prompt)))
+    else:
+        cache = prev.cache
+        cache.length = common                  # slots past it are overwritten before they are read
+    device = next(model.parameters()).device
+    h = model.hidden(torch.as_tensor([prompt[common:]], dtype=torch.long, device=device), cache)
+    return PromptCache(prompt, cache, model.lm_head(h[:, -1]).float()), len(prompt) - common
+
+
 # ----------------------------------------------------------------------------- beam search
 
 
 @torch.no_grad()
-def beam_search(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[list[Hypothesis]]:
+def beam_search(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+                prompt_cache: PromptCache | None = None) -> list[list[Hypothesis]]:
     """The num_return_sequences best finished hypotheses for each prompt, best first.
+
+    prompt_cache: the one prompt's keys, values and next-token logits (`extend_prompt_cache`), so
+    the search starts without a prompt pass; it gives the beams the uncached search gives.
 
     Per step, every live beam proposes its continuations; of the K = max(2, 1 + #stop tokens) *
     num_beams best by summed log-probability, those ending in a stop token (or at max_new_tokens)
@@ -320,7 +389,7 @@ def beam_search(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) 
     """
     nb, n_new = cfg.num_beams, cfg.max_new_tokens
     B = len(prompts)
-    batch = _Batch(model, prompts, n_new, cfg.pad_token_id)
+    batch = _Batch(model, prompts, n_new, cfg.pad_token_id, prompt_cache)
     device = batch.prompt.device
     stops = torch.tensor(cfg.stop_tokens, dtype=torch.long, device=device)
     K = max(2, 1 + len(cfg.stop_tokens)) * nb

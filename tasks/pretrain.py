@@ -25,7 +25,7 @@ from prefect import task
 
 from forgeline.checkpoint import (checkpoint_key, latest_checkpoint, resume_training_state, save_model_folder,
                                   save_training_state)
-from forgeline.config import ConfigError, config_dict, load_config
+from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.workspace import run_stage
 from models.gpt import GPT, PRESETS, GPTConfig
 
@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from forgeline.tracking import stage_run
 
-    cfg = load_config(PretrainConfig, "pretrain", sys.argv[1:] if argv is None else argv)
+    # config=configs/S.yaml runs this module as stage S (compose_pretrain: its own corpus and model)
+    stage, cfg = stage_config(PretrainConfig, "pretrain", sys.argv[1:] if argv is None else argv)
     if not PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         try:
             pretrain(cfg)
@@ -301,12 +302,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     import mlflow
 
-    with stage_run("pretrain", config_dict(cfg)):
+    with stage_run(stage, config_dict(cfg)):
         try:
             summary = pretrain(cfg, log=lambda step, m: mlflow.log_metrics(m, step=step))
         except NonFiniteLoss as e:
             mlflow.set_tag("pretrain.diverged", str(e))
-            print(f"pretrain: STOPPED\n{e}", file=sys.stderr)
+            print(f"{stage}: STOPPED\n{e}", file=sys.stderr)
             sys.exit(3)
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         out = Path(cfg.out_dir)
@@ -317,9 +318,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{summary['train_seconds']:.0f}s on {summary['processes']} process(es)")
 
 
-@task(name="pretrain", retries=1, retry_delay_seconds=10)  # a retry resumes from the last checkpoint
-def pretrain_task(run: dict[str, str]) -> dict:
-    return run_stage("pretrain", **run)
+@task(name="pretrain", task_run_name="{stage}", retries=1, retry_delay_seconds=10)  # a retry resumes from the last checkpoint
+def pretrain_task(run: dict[str, str], stage: str = "pretrain") -> dict:
+    return run_stage(stage, **run)
 
 
 if __name__ == "__main__":
