@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from serve import page
+from serve import compose, page
 from serve.llm import api as llm_api
 
 # (pipeline, its router): e.g. ("rag", serve.rag.router) once the RAG pipeline serves queries
 ROUTERS: list[tuple[str, APIRouter]] = []
 ROUTERS.append(("page", page.router))   # the web chat page at / and POST /v1/feedback
 ROUTERS.append(("llm", llm_api.router))   # OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/models, /v1/moderations
+ROUTERS.append(("compose", compose.router))   # Smart Compose: POST /v1/compose, one request per keystroke
 
 
 def create_app(routers: list[tuple[str, APIRouter]] | None = None) -> FastAPI:
