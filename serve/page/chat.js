@@ -1,7 +1,13 @@
 // The web chat page (serve/page.py serves it at /): a conversation with streamed replies from
-// POST /v1/chat/completions (stream: true, read as server-sent events), a session kept across reloads
-// (its id and turns in localStorage; the id goes to the service as `user` and `session_id`), and
-// on each reply thumbs up/down and an optional better answer, stored by POST /v1/feedback.
+// POST /v1/chat/completions (stream: true, read as server-sent events), a session kept across reloads,
+// and on each reply thumbs up/down and an optional better answer, stored by POST /v1/feedback.
+//
+// Sessions: the service keeps each session's history (serve/llm/sessions.py), so a request carries the
+// session id (`session_id`, and `user`) and only the new user turn. The page keeps the id and the turns
+// in localStorage to show them after a reload. The reply's trace says how many exchanges the service
+// holds for the session; fewer than the page shows means it forgot them (restart, expiry): the page
+// marks the break with a note, and what the model saw (the turns after the last note) is what a
+// feedback record stores as the prompt.
 "use strict";
 
 const SESSION_KEY = "forgeline.session";
@@ -11,7 +17,7 @@ const input = document.getElementById("prompt");
 const sendButton = document.getElementById("send");
 let model = "forgeline-llm";
 let session = localStorage.getItem(SESSION_KEY) || newSession();
-let turns = loadTurns();   // [{role, content, id?, model?, version?, rating?, better?}]
+let turns = loadTurns();   // [{role: user|assistant|note, content, id?, model?, version?, rating?, better?}]
 
 function newSession() {
   const bytes = crypto.getRandomValues(new Uint8Array(16));
@@ -56,8 +62,8 @@ function feedbackControls(div, i) {
   const turn = turns[i];
   const box = document.createElement("div");
   box.className = "feedback";
-  const up = button("👍", "rate-up", "good reply");
-  const down = button("👎", "rate-down", "bad reply");
+  const up = button("▲ Good", "rate-up", "thumbs up: a good reply");
+  const down = button("▼ Bad", "rate-down", "thumbs down: a bad reply");
   const open = button("Better answer…", "open-better", "write the answer you wanted");
   const better = document.createElement("div");
   better.className = "better";
@@ -66,7 +72,7 @@ function feedbackControls(div, i) {
   text.rows = 2;
   text.placeholder = "The answer you would have wanted";
   text.value = turn.better || "";
-  const save = button("Save", "save-better", "store this better answer with a 👎");
+  const save = button("Save", "save-better", "store this better answer (it rates the reply down)");
   const status = document.createElement("span");
   status.className = "status muted";
   better.append(text, save);
@@ -108,8 +114,11 @@ function button(label, cls, title) {
 
 // ---------------------------------------------------------------------------- the service
 
+// the turns the model saw before turn `upto`: those after the last note
 function history(upto) {
-  return turns.slice(0, upto).map((t) => ({ role: t.role, content: t.content }));
+  let start = 0;
+  turns.slice(0, upto).forEach((t, i) => { if (t.role === "note") start = i + 1; });
+  return turns.slice(start, upto).map((t) => ({ role: t.role, content: t.content }));
 }
 
 async function sendFeedback(i) {
@@ -157,6 +166,7 @@ async function readEvents(res, onChunk) {
 }
 
 async function ask(text) {
+  const held = history(turns.length).filter((t) => t.role === "assistant").length;   // exchanges the service should hold
   turns.push({ role: "user", content: text });
   saveTurns();
   bubble("user", text);
@@ -168,13 +178,16 @@ async function ask(text) {
     const res = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ model, messages: history(turns.length), stream: true, user: session, session_id: session }),
+      body: JSON.stringify({ model, messages: [{ role: "user", content: text }], stream: true, session_id: session,
+                             user: session, trace: true }),
     });
     if (!res.ok) throw new Error(await errorText(res));
     await readEvents(res, (chunk) => {
       reply.id = reply.id || chunk.id;
       reply.model = chunk.model || reply.model;
-      reply.version = chunk.system_fingerprint || reply.version;
+      reply.version = (chunk.forgeline && chunk.forgeline.model_version) || chunk.system_fingerprint || reply.version;
+      const step = chunk.forgeline && (chunk.forgeline.trace || []).find((s) => s.step === "session" && "turns" in s);
+      if (step) reply.forgotten = step.turns < held;
       const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
       if (delta && delta.content) {
         reply.content += delta.content;
@@ -192,6 +205,15 @@ async function ask(text) {
     return;
   } finally {
     span.classList.remove("streaming");
+  }
+  if (reply.forgotten) {   // the service answered this turn alone: the earlier turns were not its context
+    delete reply.forgotten;
+    turns.splice(turns.length - 1, 0, { role: "note", content: "The service no longer held the turns above "
+      + "(restarted, or the session expired): it answered from here on." });
+    turns.push(reply);
+    saveTurns();
+    render();
+    return;
   }
   turns.push(reply);
   saveTurns();
