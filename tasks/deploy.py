@@ -129,21 +129,31 @@ def serving_path(model_dir: str | Path, cfg: DeployConfig, guard=None) -> Callab
 
 
 def safety(chat: Callable, rows: list[dict]) -> dict[str, float]:
-    """Refusal rate on harmful prompts and answer rate on benign ones, through the serving path. A prompt
-    the model's context cannot hold (a 400 from the service) counts in neither rate, only in `*_too_long`."""
+    """Through the serving path, the share of harmful prompts refused and of benign ones answered, from the
+    safety stage's held-out split (rows {text, label 1 = harmful, kind, role}; its replies, role=response,
+    test the guard alone and are skipped here). Benign includes the prompts that only look risky ("kill a
+    Python process"), also reported alone. A prompt the model's context cannot hold (a 400 from the
+    service) counts in neither rate, only in `too_long`."""
     from serve.llm.assistant import RequestError
 
-    refused: dict[str, list[bool]] = {"harmful": [], "benign": []}
-    too_long = {"harmful": 0, "benign": 0}
+    refused: dict[str, list[bool]] = {"harmful": [], "benign": [], "looks_risky": []}
+    too_long = 0
     for r in rows:
+        if r["role"] != "prompt":
+            continue
         try:
-            refused[r["label"]].append(chat([{"role": "user", "content": r["prompt"]}]).refused)
+            was = chat([{"role": "user", "content": r["text"]}]).refused
         except RequestError:
-            too_long[r["label"]] += 1
-    return {"harmful_refusal_rate": sum(refused["harmful"]) / max(1, len(refused["harmful"])),
-            "benign_answer_rate": 1 - sum(refused["benign"]) / max(1, len(refused["benign"])),
+            too_long += 1
+            continue
+        refused["harmful" if r["label"] == 1 else "benign"].append(was)
+        if r["kind"] == "looks_risky":
+            refused["looks_risky"].append(was)
+    answered = {k: 1 - sum(v) / len(v) if v else None for k, v in refused.items()}
+    return {"harmful_refusal_rate": 1 - answered["harmful"] if refused["harmful"] else None,
+            "benign_answer_rate": answered["benign"], "looks_risky_answer_rate": answered["looks_risky"],
             "harmful_prompts": len(refused["harmful"]), "benign_prompts": len(refused["benign"]),
-            "harmful_too_long": too_long["harmful"], "benign_too_long": too_long["benign"]}
+            "too_long": too_long}
 
 
 def p95(seconds: list[float]) -> float:
@@ -260,7 +270,7 @@ def render(decision: dict[str, Any]) -> str:
     against = (f"against the champion {name}/v{champ['version']}" if champ
                else "first run, no champion: floors alone")
     lines = [f"**Deploy gate {verdict}** ({name} {cand_v}, {against}); decided {decision['decided_at']}.", ""]
-    metrics = [m for m in GATE if cand["metrics"].get(m) is not None] + ["latency_p50_ms"]
+    metrics = [m for m in [*GATE, "looks_risky_answer_rate", "latency_p50_ms"] if cand["metrics"].get(m) is not None]
     header = ["metric", "candidate"] + (["champion"] if champ else []) + ["limit", "verdict"]
     rows = []
     for m in metrics:
