@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from serve import compose, page
+from serve import compose, page, translate
 from serve.llm import api as llm_api
 
 # (pipeline, its router): e.g. ("rag", serve.rag.router) once the RAG pipeline serves queries
@@ -19,6 +19,7 @@ ROUTERS: list[tuple[str, APIRouter]] = []
 ROUTERS.append(("page", page.router))   # the web chat page at / and POST /v1/feedback
 ROUTERS.append(("llm", llm_api.router))   # OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/models, /v1/moderations
 ROUTERS.append(("compose", compose.router))   # Smart Compose: POST /v1/compose, one request per keystroke
+ROUTERS.append(("translate", translate.router))   # POST /v1/translate: en->fr, en->es, beam search, per-sentence confidence
 
 
 def create_app(routers: list[tuple[str, APIRouter]] | None = None) -> FastAPI:
