@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p_fb_export.add_argument("--store", help="the records' folder (default $FORGELINE_FEEDBACK_DIR or .forgeline/feedback)")
     p_fb_export.add_argument("--out", help="the pairs file (default data/feedback/pairs.jsonl)")
     p_fb_export.add_argument("--no-dvc", action="store_true", help="write the file only, no `dvc add`")
+    p_fb_export.add_argument("--guard", help="the safety guard's folder that screens the pairs (default data/safety/guard)")
+    p_fb_export.add_argument("--no-guard", action="store_true", help="keep every pair unscreened")
     args = parser.parse_args(argv)
     # the stack is on loopback: its clients (Prefect's httpx, MLflow's requests) must not use a proxy
     os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
@@ -145,12 +147,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "feedback":
         from pathlib import Path
 
-        from forgeline.feedback import PAIRS, export
+        from forgeline.feedback import GUARD, PAIRS, export
 
+        guard_dir = None if args.no_guard else Path(args.guard) if args.guard else GUARD
+        if guard_dir is not None and not (guard_dir / "guard.json").exists():
+            if args.guard:
+                print(f"forgeline feedback export: no guard in {guard_dir} (guard.json)", file=sys.stderr)
+                return 1
+            print(f"feedback: no safety guard in {guard_dir} yet (the safety stage makes it): pairs not screened")
+            guard_dir = None
+        guard = None
+        if guard_dir is not None:
+            from forgeline.safety import Guard
+
+            guard = Guard.load(guard_dir)
         found = export(Path(args.store) if args.store else None, Path(args.out) if args.out else PAIRS,
-                       dvc=not args.no_dvc)
+                       dvc=not args.no_dvc, guard=guard)
         print(f"feedback: {found['records']} records, {found['replies']} replies (rated {found['rated']}) -> "
               f"{sum(found['pairs'].values())} pairs {found['pairs']} in {found['out']}"
+              + (f"; dropped by the guard {found['dropped']}" if found["dropped"] else "")
               + ("" if args.no_dvc else f"; dvc add done: commit {found['out']}.dvc"))
         return 0
     if args.command == "plan":

@@ -24,11 +24,16 @@ the last record of each id, one rule per pair:
 - `thumbs_up`: a reply rated down against a reply rated up to the same conversation (same turns).
 
 A better answer on a reply rated up, or unrated, makes no pair (the user did not reject the reply);
-identical pairs are kept once. Each pair names the records it came from. The export writes the file
-atomically and `dvc add`s it (data/feedback/pairs.jsonl.dvc: commit that file; the flow's `dvc push`
-stores the pairs on the remote). tasks/chat_data.py merges the pairs with its rule-made ones.
+identical pairs are kept once. Each pair names the records it came from.
 
-    forgeline feedback export [--store DIR] [--out data/feedback/pairs.jsonl] [--no-dvc]
+Users write the better answers, so a pair is screened before training moves the model towards it:
+with the safety stage's guard (forgeline/safety.py; data/safety/guard when it exists) every user turn
+of its prompt goes through the input filter and its chosen reply through the response evaluator, and a
+pair either flags is dropped (counted by category). The export writes the file atomically and
+`dvc add`s it (data/feedback/pairs.jsonl.dvc: commit that file; the flow's `dvc push` stores the pairs
+on the remote). tasks/chat_data.py merges the pairs with its rule-made ones.
+
+    forgeline feedback export [--store DIR] [--out data/feedback/pairs.jsonl] [--guard DIR | --no-guard] [--no-dvc]
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from forgeline.paths import DATA, ROOT, STATE
 RATINGS = ("up", "down", None)
 PAIR_RULES = ("better_answer", "thumbs_up")
 PAIRS = DATA / "feedback" / "pairs.jsonl"
+GUARD = DATA / "safety" / "guard"   # the safety stage's model folder
 
 
 def store_dir() -> Path:
@@ -142,10 +148,28 @@ def preference_pairs(records: list[dict]) -> list[dict]:
     return pairs
 
 
-def export(store: Path | None = None, out: Path = PAIRS, dvc: bool = True) -> dict:
-    """Write the pairs to `out` (atomically) and, with `dvc`, `dvc add` it; return the counts."""
+def screen(pairs: list[dict], guard) -> tuple[list[dict], Counter]:
+    """The pairs `guard` (forgeline.safety.Guard) passes, and the dropped ones counted by category: each
+    user turn of the prompt through the input filter, the chosen reply through the response evaluator."""
+    if guard is None or not pairs:
+        return pairs, Counter()
+    users = [[m["content"] for m in p["prompt"] if m["role"] == "user"] for p in pairs]
+    inputs = iter(guard.check_inputs([t for turns in users for t in turns]))
+    kept, dropped = [], Counter()
+    for p, turns, out in zip(pairs, users, guard.check_outputs([p["chosen"] for p in pairs])):
+        flagged = [v for v in [next(inputs) for _ in turns] + [out] if v.flagged]
+        if flagged:
+            dropped[flagged[0].category] += 1
+        else:
+            kept.append(p)
+    return kept, dropped
+
+
+def export(store: Path | None = None, out: Path = PAIRS, dvc: bool = True, guard=None) -> dict:
+    """Write the pairs (screened by `guard` if given) to `out` atomically and, with `dvc`, `dvc add` it;
+    return the counts."""
     records = read_records(store)
-    pairs = preference_pairs(records)
+    pairs, dropped = screen(preference_pairs(records), guard)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".pairs-", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -159,4 +183,4 @@ def export(store: Path | None = None, out: Path = PAIRS, dvc: bool = True) -> di
     current = latest(records)
     return {"records": len(records), "replies": len(current),
             "rated": dict(Counter(str(r["rating"]) for r in current)),
-            "pairs": dict(Counter(p["rule"] for p in pairs)), "out": str(out)}
+            "pairs": dict(Counter(p["rule"] for p in pairs)), "dropped": dict(dropped), "out": str(out)}

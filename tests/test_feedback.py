@@ -95,11 +95,36 @@ def test_export_command_writes_the_pairs(tmp_path):
         append_record(r, store)
     out = tmp_path / "pairs.jsonl"
     proc = subprocess.run([sys.executable, "-m", "forgeline", "feedback", "export", "--store", str(store),
-                           "--out", str(out), "--no-dvc"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--out", str(out), "--no-dvc", "--no-guard"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "2 records, 2 replies" in proc.stdout and "1 pairs" in proc.stdout
     (pair,) = read_jsonl(out)
     assert (pair["rule"], pair["chosen"], pair["rejected"], pair["prompt"]) == ("better_answer", "5", "6", Q1)
+
+
+def test_the_guard_screens_pairs_before_training_moves_towards_them(tmp_path):
+    """A chosen reply the response evaluator flags (the classifier, PII) or a prompt the input filter flags
+    is never exported; the rest is."""
+    import numpy as np
+
+    from forgeline.feedback import export
+    from forgeline.safety import Guard
+
+    def embed(texts):   # feature 0: a flag word occurs (the classifier's only evidence here); feature 1: bias
+        return np.array([[float("bomb" in t.lower()), 1.0] for t in texts], dtype=np.float32)
+
+    guard = Guard({"threshold_input": 0.5, "threshold_output": 0.5, "categories": ["violence_weapons"], "max_tokens": 64},
+                  {"w1": np.array([[60.0], [0.0]]), "b1": np.array([-30.0]), "centroids": np.array([[1.0, 0.0]])},
+                  embedder=embed)
+    q_card = [{"role": "user", "content": "my card is 4111 1111 1111 1111, what is 2 + 3?"}]
+    for r in (rec("ok", Q1, "6", "down", better="5"),
+              rec("harm", Q2, "t a c", "down", better="build a bomb like this"),
+              rec("pii", Q2, "x", "down", better="mail me at jane.doe@gmail.com"),
+              rec("card", q_card, "6", "down", better="5")):
+        append_record(r, tmp_path)
+    found = export(tmp_path, tmp_path / "pairs.jsonl", dvc=False, guard=guard)
+    assert [p["records"] for p in read_jsonl(tmp_path / "pairs.jsonl")] == [["ok"]]
+    assert found["dropped"] == {"violence_weapons": 1, "pii": 2}
 
 
 # ----------------------------------------------------------------------------- POST /v1/feedback
@@ -161,7 +186,7 @@ def test_chat_data_merges_feedback_pairs_with_provenance(tmp_path):
     for i, q in enumerate(questions):
         append_record(rec(f"r{i}", q, str(i), "down", better=str(i + 1)), store)
     subprocess.run([sys.executable, "-m", "forgeline", "feedback", "export", "--store", str(store),
-                    "--out", str(tmp_path / "pairs.jsonl"), "--no-dvc"], cwd=ROOT, check=True, capture_output=True)
+                    "--out", str(tmp_path / "pairs.jsonl"), "--no-dvc", "--no-guard"], cwd=ROOT, check=True, capture_output=True)
     cfg = ChatDataConfig(pydocs=str(ROOT / "data/raw/pydocs/pydocs_head.txt.gz"),
                          words=str(ROOT / "data/raw/austen/persuasion.txt.gz"), out_dir=str(tmp_path / "out"),
                          train_per_task=5, val_per_task=2, feedback=str(tmp_path / "pairs.jsonl"))
@@ -195,3 +220,55 @@ def test_the_shipped_feedback_folder_is_a_valid_empty_dep():
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["chat_data"]["deps"]
     assert "data/feedback" in deps
     assert yaml.safe_load((ROOT / "configs/chat_data.yaml").read_text())["feedback"] == "data/feedback/pairs.jsonl"
+
+
+# ----------------------------------------------------------------------------- the whole loop, on the session's stack
+
+
+@pytest.mark.slow
+def test_ratings_retrain_with_dpo_from_the_deployment(request, tmp_path_factory):
+    """records -> `forgeline feedback export` (dvc add, committed) -> a run of llm/nightly with
+    rlhf.algorithm=dpo: chat_data merges the pairs, DPO trains on that chat data, a new version is registered."""
+    from tests.test_stack import shared_stack
+
+    stack = shared_stack(request, tmp_path_factory)
+    for name in ("first", "second"):   # the stack's own runs; ours queues behind them anyway
+        assert stack.wait(stack.runs[name], timeout=900).state_type.value == "COMPLETED", stack.log_tail()
+    ws = stack.ws
+    store = ws / ".forgeline" / "feedback"   # where the page stores them in that workspace
+    for r in (rec("a1", Q1, "6", "down", better="5"), rec("a2", Q1, "5", "up", session="s2"),
+              rec("a3", Q1, "7", "down"), rec("a4", Q2, "c a t", "down", better="t a c"),
+              rec("a5", Q2, "t a c", "up"), rec("a6", Q2, "a c t", "down")):
+        append_record(r, store)
+    out = stack.cli("feedback", "export", "--no-guard").stdout   # screening: test_the_guard_screens_pairs_...
+    assert "6 records" in out and "4 pairs" in out, out
+    assert (ws / "data/feedback/pairs.jsonl.dvc").exists() and not subprocess.run(
+        ["git", "ls-files", "--error-unmatch", "data/feedback/pairs.jsonl"], cwd=ws, capture_output=True).returncode == 0
+    exported = read_jsonl(ws / "data/feedback/pairs.jsonl")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run(git + ["add", "data/feedback/pairs.jsonl.dvc", "data/feedback/.gitignore"], cwd=ws, check=True)
+    subprocess.run(git + ["commit", "-qm", "feedback pairs"], cwd=ws, check=True)
+
+    run_id = stack.trigger({"rlhf": {"algorithm": "dpo", "sampled_fraction": 0.0}})
+    done = stack.wait(run_id, timeout=900)
+    assert done.state_type.value == "COMPLETED", (done.state, stack.log_tail())
+
+    # chat_data merged every exported pair, with its provenance
+    rows = [r for s in ("train", "val") for r in read_jsonl(ws / "data/chat_data" / f"pref_{s}.jsonl")]
+    merged = sorted((r["chosen"], r["rejected"]) for r in rows if r["provenance"] == "feedback")
+    assert merged == sorted((p["chosen"], p["rejected"]) for p in exported) and len(merged) == 4
+    # DPO trained in this flow run on that chat data; its model is the new candidate
+    client = stack.mlflow()
+    exp = client.get_experiment_by_name("forgeline-llm").experiment_id
+    runs = {r.data.tags["forgeline.stage"]: r for r in client.search_runs(
+        [exp], filter_string=f"tags.`prefect.flow_run_id` = '{run_id}'") if "forgeline.stage" in r.data.tags}
+    chat, rlhf = runs["chat_data"], runs["rlhf"]
+    assert chat.data.tags["dvc.skipped"] == "false" and "dvc.dep.data/feedback" in chat.data.tags
+    assert rlhf.data.tags["dvc.skipped"] == "false" and rlhf.data.tags["rlhf.algorithm"] == "dpo"
+    assert rlhf.data.tags["dvc.dep.data/chat_data"] == chat.data.tags["dvc.out.data/chat_data"]
+    assert rlhf.data.params["sampled_fraction"] == "0.0"   # the batches are the chat data's pairs, feedback among them
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    dep = next(d for d in lock["chat_data"]["deps"] if d["path"] == "data/feedback")
+    assert chat.data.tags["dvc.dep.data/feedback"] == dep["md5"]
+    (version,) = client.search_model_versions(f"name='forgeline-llm' and tags.`prefect.flow_run_id` = '{run_id}'")
+    assert client.get_model_version_by_alias("forgeline-llm", "candidate").version == version.version
