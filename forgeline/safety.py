@@ -274,21 +274,30 @@ def leaked_secret(text: str, secret: str, min_fraction: float = 0.5, min_chars: 
 
 # ---------------------------------------------------------------------------- prompt-extraction rule
 _YOUR = r"(?:your|this (?:assistant|bot|model)'?s?|ur)"
+_HIDDEN = r"(?:system\s*(?:prompt|message|instructions?|configuration)|initial(?:i[sz]ation)?\s+(?:prompt|string|instructions?)|" \
+          r"(?:original|hidden|secret|starting|pre-?)\s*(?:prompt|instructions?))"
+# Requests for the system prompt or the text before the user's turn. An imperative at the start of a
+# sentence or "your ..." is an attempt; "how do I print the system prompt in LangChain" is not.
 EXTRACTION_RE = re.compile(
     r"(?:"
-    rf"\b(?:repeat|print|show|reveal|output|display|tell me|give me|write out|dump|leak|recite|spell out|"
-    rf"encode|translate|what (?:is|are|were))\b[^.?!\n]{{0,60}}\b{_YOUR}\s+(?:(?:full|whole|entire|"
-    rf"original|initial|hidden|secret|starting|first)\s+)*(?:system\s*(?:prompt|message|instructions?)|"
-    rf"(?:initial|original|hidden|secret|starting|first|pre-?prompt)\s+(?:prompt|instructions?|message|"
-    rf"configuration)|instructions you were given|canary|secret (?:word|code|key|token))"
+    rf"\b{_YOUR}\s+(?:(?:full|whole|entire|first)\s+)*{_HIDDEN}"
+    rf"|\b{_YOUR}\s+(?:instructions|canary|secret (?:word|code|key|token|password))\b"
+    rf"|(?:^|[.!?:;]\s*|\bplease\s+|\bnow\s+)(?:repeat|print|show|reveal|output|display|dump|leak|recite|spell out|"
+    rf"encode|translate|give me|tell me)\b[^.?!\n]{{0,60}}\b(?:the|all|any)\s+(?:\w+\s+)?{_HIDDEN}"
+    r"|\b(?:need|want|have) to see (?:the|your) (?:system|initial|hidden)"
     r"|\b(?:repeat|print|output|copy|recite)\b[^.?!\n]{0,40}\b(?:text|words|everything|conversation|"
     r"message|prompt)\s+(?:above|before this|so far|word for word|verbatim)"
+    r"|\b(?:repeat|print|output|copy|recite)\b[^.?!\n]{0,20}\babove (?:text|words|message|prompt|instructions)"
+    r"|\brepeat (?:this|the) (?:entire |whole )?conversation\b"
     r"|\bignore (?:all |any |the )?(?:previous|prior|above|earlier|preceding) (?:instructions|prompts?|rules)"
-    r"|\b(?:the )?(?:instructions|rules|prompt) (?:you were|you've been|you have been) given\b"
+    r"|\b(?:instructions|rules|prompt|text) (?:you were|you've been|you have been) given\b"
     r"|\bwhat were you told before\b|\bmy instructions are:|\bi was instructed to\b"
-    r"|\bsystem\s*prompt\s*(?:is|:)\s*['\"]?\s*$"
+    r"|\bwhat are you not (?:supposed|allowed|permitted) to (?:tell|say|reveal|share)"
+    r"|\b(?:administrator|admin|root|sudo) override\b|\byou are now in \w+ mode\b"
+    r"|\bsystem\s*prompt\s*(?:is\s*:?|:)\s*['\"]?\s*$"
     r"|\bconsole\.log\(\s*system\s*prompt"
-    r")", re.I)
+    r"|<\s*/?\s*system_?prompt\s*>"
+    r")", re.I | re.M)
 
 
 # ---------------------------------------------------------------------------- embeddings
@@ -394,18 +403,25 @@ class Guard:
             return np.zeros(0)
         return classifier_probs(self.weights, self.embedder(texts))
 
-    def _classify(self, text: str, threshold: float, role: str) -> Verdict:
-        x = self.embedder([text])
-        p = float(classifier_probs(self.weights, x)[0])
-        if p < threshold:
-            return Verdict(False, OK, p, "")
-        category = self.categories[int(np.argmax(x[0] @ self.weights["centroids"].T))]
-        return Verdict(True, category, p, f"the safety classifier rates this {role} as harmful "
-                                         f"({category.replace('_', ' ')}, p={p:.2f} >= {threshold:.2f})")
+    def _check(self, texts: Sequence[str], rules, threshold: float, role: str) -> list[Verdict]:
+        """Rules first (a rule that fires decides, no embedding); the rest scored in one batch."""
+        verdicts = [rules(t) for t in texts]
+        todo = [i for i, v in enumerate(verdicts) if v is None]
+        if todo:
+            x = self.embedder([texts[i] for i in todo])
+            probs = classifier_probs(self.weights, x)
+            nearest = np.argmax(x @ self.weights["centroids"].T, axis=1)
+            for row, i in enumerate(todo):
+                p = float(probs[row])
+                if p < threshold:
+                    verdicts[i] = Verdict(False, OK, p, "")
+                else:
+                    category = self.categories[int(nearest[row])]
+                    verdicts[i] = Verdict(True, category, p, f"the safety classifier rates this {role} as "
+                                          f"harmful ({category.replace('_', ' ')}, p={p:.2f} >= {threshold:.2f})")
+        return verdicts
 
-    # -- the two checks
-    def check_input(self, text: str) -> Verdict:
-        """The input safety filter: a user's request, before the model sees it."""
+    def _input_rules(self, text: str) -> Verdict | None:
         if not text.strip():
             return Verdict(False, OK, 0.0, "")
         pii = find_pii(text, self.input_pii)
@@ -416,11 +432,9 @@ class Guard:
         if EXTRACTION_RE.search(text):
             return Verdict(True, "prompt_extraction", 1.0,
                            "the request asks for the assistant's hidden instructions")
-        return self._classify(text, self.threshold_input, "request")
+        return None
 
-    def check_output(self, text: str, secrets: Sequence[str] = ()) -> Verdict:
-        """The response safety evaluator: a reply, before the user sees it. `secrets`: strings that
-        must never appear in any form (the system prompt's canary)."""
+    def _output_rules(self, text: str, secrets: Sequence[str]) -> Verdict | None:
         for secret in secrets:
             how = leaked_secret(text, secret, self.secret_min_fraction)
             if how:
@@ -431,4 +445,22 @@ class Guard:
         if pii:
             kinds = sorted({k for k, _, _ in pii})
             return Verdict(True, "pii", 1.0, f"the reply contains personal data ({', '.join(kinds)})")
-        return self._classify(text, self.threshold_output, "reply")
+        return None
+
+    # -- the two checks
+    def check_input(self, text: str) -> Verdict:
+        """The input safety filter: a user's request, before the model sees it."""
+        return self.check_inputs([text])[0]
+
+    def check_output(self, text: str, secrets: Sequence[str] = ()) -> Verdict:
+        """The response safety evaluator: a reply, before the user sees it. `secrets`: strings that
+        must never appear in any form (the system prompt's canary)."""
+        return self.check_outputs([text], secrets)[0]
+
+    def check_inputs(self, texts: Sequence[str]) -> list[Verdict]:
+        """`check_input` of each text, the classifier run once on the batch (n candidates, a test split)."""
+        return self._check(texts, self._input_rules, self.threshold_input, "request")
+
+    def check_outputs(self, texts: Sequence[str], secrets: Sequence[str] = ()) -> list[Verdict]:
+        """`check_output` of each text, the classifier run once on the batch (best-of-N candidates)."""
+        return self._check(texts, lambda t: self._output_rules(t, secrets), self.threshold_output, "reply")
