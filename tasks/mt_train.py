@@ -48,18 +48,18 @@ class MTTrainConfig:
     label_smoothing: float = 0.1
     # optimisation
     batch_size: int = 32
-    max_steps: int = 1000
+    max_steps: int = 1500
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 150
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.98
     grad_clip: float = 1.0
     # bookkeeping
-    eval_interval: int = 250
+    eval_interval: int = 500
     eval_batches: int = 8
-    ckpt_interval: int = 250
+    ckpt_interval: int = 500
     keep_checkpoints: int = 2
     log_interval: int = 50
     seed: int = 1337
