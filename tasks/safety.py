@@ -67,6 +67,7 @@ class SafetyConfig:
     test_fraction: float = 0.2
     dup_cosine: float = 0.9                       # texts this close are one group (same split)
     max_tokens: int = 128                         # embedder truncation, also at serving time
+    int8: bool = True                             # embedder Linear layers quantized (latency), also at serving time
     hidden: int = 0                               # 0: logistic regression; >0: MLP hidden width
     steps: int = 400                              # full-batch Adam steps
     lr: float = 0.02
@@ -158,8 +159,8 @@ def load_rows(cfg: SafetyConfig) -> tuple[list[dict], dict]:
 
 # ---------------------------------------------------------------------------- embeddings (memoised by text)
 def embed(texts: list[str], embedder: Embedder, cache: str) -> np.ndarray:
-    """Embeddings of `texts`, those already in the `cache` file (keyed by sha256 of max_tokens + text) reused."""
-    keys = [hashlib.sha256(f"{embedder.max_tokens}\0{t}".encode()).hexdigest()[:32] for t in texts]
+    """Embeddings of `texts`, those already in the `cache` file (keyed by sha256 of max_tokens, int8, text) reused."""
+    keys = [hashlib.sha256(f"{embedder.max_tokens}\0{embedder.int8}\0{t}".encode()).hexdigest()[:32] for t in texts]
     known: dict[str, np.ndarray] = {}
     path = Path(cache) if cache else None
     if path and path.exists():
@@ -299,7 +300,7 @@ def safety(cfg: SafetyConfig, embedder: Embedder | None = None) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, dropped = load_rows(cfg)
-    embedder = embedder or Embedder(max_tokens=cfg.max_tokens)
+    embedder = embedder or Embedder(max_tokens=cfg.max_tokens, int8=cfg.int8)
     x = embed([r["text"] for r in rows], embedder, cfg.embed_cache)
     t_embed = time.perf_counter() - t0
     groups = near_duplicate_groups(x, cfg.dup_cosine)
@@ -322,7 +323,8 @@ def safety(cfg: SafetyConfig, embedder: Embedder | None = None) -> dict:
     for role in ("prompt", "response"):
         sel = [i for i in idx["val"] if rows[i]["role"] == role]
         thresholds[role], reasons[role] = pick_threshold(probs[sel], [rows[i] for i in sel], cfg.max_false_flag_rate)
-    settings = {"embedder": {"package": EMBEDDER_PACKAGE, "max_tokens": cfg.max_tokens, "dim": int(x.shape[1])},
+    settings = {"embedder": {"package": EMBEDDER_PACKAGE, "max_tokens": cfg.max_tokens, "int8": cfg.int8,
+                             "dim": int(x.shape[1])},
                 "max_tokens": cfg.max_tokens, "classifier": "logistic_regression" if cfg.hidden == 0 else f"mlp_{cfg.hidden}",
                 "threshold_input": thresholds["prompt"], "threshold_output": thresholds["response"],
                 "threshold_reason": reasons, "categories": categories,
