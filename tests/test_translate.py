@@ -253,3 +253,49 @@ def test_pipeline_end_to_end_on_a_tiny_config(workspace):
     # resumed, not retrained: a second run skips every stage
     again = run_in(ws, "-m", "flows.translate", "--no-push", *cli_overrides(TINY))
     assert stage_lines(again.stdout, STAGES) == {s: "skipped" for s in STAGES}, again.stdout[-3000:]
+
+
+def test_mt_train_resumes_bit_for_bit(tmp_path, capsys):
+    """Killed after its step-2 checkpoint, a rerun resumes there and ends with the uninterrupted weights."""
+    import hashlib
+    import shutil
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file, save_model
+
+    from tasks.mt_train import GateClosed, MTTrainConfig, mt_train
+    from tasks.tokenizer import train_bpe
+
+    rows = [("The file could not be opened.", "Le fichier n'a pas pu être ouvert.", "fr"),
+            ("The disk is full again.", "El disco está lleno otra vez.", "es"),
+            ("Remove the old package first.", "Supprimez d'abord l'ancien paquet.", "fr")] * 8
+    pairs = pd.DataFrame({"pair_id": [f"p{i}" for i in range(len(rows))], "doc_id": "d", "corpus": "mo", "src_lang": "en",
+                          "tgt_lang": [r[2] for r in rows], "src": [r[0] for r in rows], "tgt": [r[1] for r in rows],
+                          "split": ["train"] * 20 + ["val"] * 4})
+    pairs.to_parquet(tmp_path / "pairs.parquet")
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    tok = train_bpe([t for r in rows for t in r[:2]], vocab_size=300)
+    tok.save(str(pre / "tokenizer.json"))
+    model = tiny_model(4, vocab=tok.get_vocab_size())
+    save_model(model, str(pre / "model.safetensors"))
+    (pre / "config.json").write_text(json.dumps(asdict(model.config)))
+    cfg = MTTrainConfig(pairs=str(tmp_path / "pairs.parquet"), validation=str(tmp_path / "result.json"),
+                        pretrained_dir=str(pre), out_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "ckpt"),
+                        batch_size=4, max_steps=4, eval_interval=2, ckpt_interval=2, eval_batches=1, log_interval=2,
+                        warmup_steps=1, dropout=0.1)
+    with pytest.raises(GateClosed, match="no validation report"):
+        mt_train(cfg)
+    sha = hashlib.sha256((tmp_path / "pairs.parquet").read_bytes()).hexdigest()
+    (tmp_path / "result.json").write_text(json.dumps({"success": True, "pairs_sha256": sha}))
+    first = mt_train(cfg)
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    (root,) = (tmp_path / "ckpt").iterdir()
+    shutil.rmtree(root / "step_00000004")  # killed between the step-2 checkpoint and the end
+    shutil.rmtree(tmp_path / "out")
+    capsys.readouterr()
+    second = mt_train(cfg)
+    assert "step_00000002 at step 2" in capsys.readouterr().out  # resumed, not retrained from step 0
+    again = load_file(tmp_path / "out" / "model.safetensors")
+    assert second["val_loss"] == first["val_loss"]
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
