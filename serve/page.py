@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from forgeline.feedback import append_record, make_record
 
 PAGE = Path(__file__).parent / "page"
-ASSETS = {"chat.js": "text/javascript", "chat.css": "text/css"}
+ASSETS = {"chat.js": "text/javascript", "chat.css": "text/css",
+          "compose.js": "text/javascript"}   # Smart Compose ghost text (serve/compose.py)
 MAX_BODY = 256 * 1024    # bytes: a long conversation and its reply fit many times over
 FIELDS = {"id", "session", "messages", "reply", "rating", "better", "model", "model_version"}
 

@@ -30,9 +30,8 @@ SENTENCES = ["My dear Lizzy, I am very glad to hear it.", "Pray write to me at o
 STAGES = ["compose_data", "compose_tokenizer", "compose_pretrain", "compose_finetune", "compose_eval"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A model folder whose model has learnt SENTENCES by heart (~5 s on one core)."""
+def memorising_model(folder):
+    """A model folder whose model has learnt SENTENCES by heart (~5 s on one core); threshold -1."""
     from tasks.tokenizer import train_bpe
 
     text = " ".join(SENTENCES * 40)
@@ -52,12 +51,17 @@ def model_dir(tmp_path_factory):
         opt.step()
         opt.zero_grad()
     assert loss.item() < 0.5, loss.item()
-    folder = tmp_path_factory.mktemp("compose_model")
+    folder.mkdir(parents=True, exist_ok=True)
     tok_file = folder.parent / "compose_tokenizer.json"
     tok.save(str(tok_file))
     save_model_folder(folder, model.eval(), model.config, tok_file)
     (folder / "compose.json").write_text(json.dumps({**asdict(ComposeSettings(debounce_ms=100)), "threshold": -1.0}))
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return memorising_model(tmp_path_factory.mktemp("compose") / "model")
 
 
 @pytest.fixture(scope="module")
