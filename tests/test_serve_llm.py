@@ -63,6 +63,8 @@ def world(tmp_path_factory) -> dict:
 class KeywordEmbedder:
     """Stands in for MiniLM in a guard built here: feature 0 says whether a flag word occurs, feature 1 is 1."""
 
+    max_tokens, int8 = 128, False   # what the guard checks it was trained with
+
     def __init__(self, words=("bomb",)):
         self.words = words
 
@@ -74,7 +76,7 @@ def RuleGuard(flag_replies: bool = False) -> Guard:
     """forgeline/safety.py's Guard with its real rules (PII, prompt extraction, secrets) and a classifier on the
     keyword feature (p = 1 for a flag word, ~0 otherwise); flag_replies: every reply rates as harmful."""
     settings = {"threshold_input": 0.5, "threshold_output": 0.0 if flag_replies else 0.5,
-                "categories": ["violence_weapons"], "max_tokens": 128}
+                "categories": ["violence_weapons"], "max_tokens": 128, "embedder": {"int8": False}}
     weights = {"w1": np.array([[60.0], [0.0]]), "b1": np.array([-30.0]), "centroids": np.array([[1.0, 0.0]])}
     return Guard(settings, weights, embedder=KeywordEmbedder())
 
@@ -341,12 +343,14 @@ def start_server(env_extra: dict, tmp: Path, settings: dict) -> tuple[subprocess
     port = free_port()
     env = {**os.environ, "NO_PROXY": "127.0.0.1", "OMP_NUM_THREADS": "1", "FORGELINE_LLM_CONFIG": str(tmp / "service.yaml"),
            **env_extra}
+    log = open(tmp / "server.log", "w")   # a file, not a pipe: a pipe nobody reads would fill and block the server
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "serve.app:create_app", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = tmp / "server.log"
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "no start"
+        assert proc.poll() is None and time.monotonic() < deadline, proc.log_path.read_text()
         try:
             with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as resp:   # loads the model (and guard)
                 if json.loads(resp.read())["data"]:
@@ -357,8 +361,8 @@ def start_server(env_extra: dict, tmp: Path, settings: dict) -> tuple[subprocess
 
 def stop_server(proc: subprocess.Popen) -> str:
     os.kill(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    return out
+    proc.wait(timeout=30)
+    return proc.log_path.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +370,7 @@ def server(world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     # the safety stage's folder format, with a classifier that flags nothing (bias -30): the rules decide
     Guard.save(tmp / "guard", {"threshold_input": 0.5, "threshold_output": 0.5, "categories": ["violence_weapons"],
-                               "max_tokens": 64},
+                               "max_tokens": 64, "embedder": {"int8": False}},
                {"w1": np.zeros((384, 1)), "b1": np.full(1, -30.0), "centroids": np.zeros((1, 384))})
     proc, url = start_server({"FORGELINE_LLM_MODEL": str(world["model"]), "FORGELINE_LLM_REWARD": str(world["reward"]),
                               "FORGELINE_LLM_GUARD": str(tmp / "guard")}, tmp,
@@ -374,6 +378,8 @@ def server(world, tmp_path_factory):
     yield url
     out = stop_server(proc)
     assert "Traceback" not in out, out
+    traces = [json.loads(line.split(" INFO ", 1)[1]) for line in out.splitlines() if "forgeline.serve.llm INFO {" in line]
+    assert traces and all(t["trace"] and "usage" in t for t in traces)   # every answered request logged its trace
 
 
 def test_openai_client_drives_every_endpoint(server):

@@ -14,6 +14,7 @@ What it serves comes from the environment (read once, at the first request):
     FORGELINE_LLM_REWARD  the reward stage's folder (default data/reward when present)
     FORGELINE_LLM_GUARD   the safety stage's guard folder (default data/safety/guard when present)
     FORGELINE_LLM_CONFIG  a YAML of ServiceConfig overrides (serve/llm/assistant.py: limits, defaults)
+    FORGELINE_LLM_LOG     level of the request log on stderr (default INFO: one JSON line per request with its trace)
 """
 from __future__ import annotations
 
@@ -186,6 +187,11 @@ class Service:
     @classmethod
     def from_env(cls) -> "Service":
         cfg = ServiceConfig.from_yaml(os.environ.get("FORGELINE_LLM_CONFIG"))
+        if not log.handlers:   # uvicorn configures only its own loggers: the request traces get a handler here
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(os.environ.get("FORGELINE_LLM_LOG", "INFO"))
 
         def default(var: str, folder: str) -> str | None:
             return os.environ.get(var) or (str(ROOT / folder) if (ROOT / folder / "config.json").exists() else None)
@@ -196,7 +202,10 @@ class Service:
         if guard_dir:
             from forgeline.safety import Guard
 
-            guard = Guard.load(guard_dir)
+            try:
+                guard = Guard.load(guard_dir)
+            except Exception as e:   # served without a guard? no: every request answers 503 and says why
+                raise ModelUnavailable(f"the guard {guard_dir} cannot be loaded: {e}") from e
         holder = ModelHolder(os.environ.get("FORGELINE_LLM_MODEL") or f"models:/{MODEL_ID}@champion",
                              default("FORGELINE_LLM_REWARD", "data/reward"), guard, cfg)
         return cls(holder, cfg)
@@ -268,8 +277,8 @@ def guarded(handler):
     """Run a route: limits first (429), then its work; an APIError or RequestError becomes OpenAI's error
     object, anything unexpected a 500 that says nothing of the code (logged here with its traceback)."""
     async def route(request: Request):
-        svc = service()
         try:
+            svc = service()
             wait = svc.limiter.take(_client(request))
             if wait > 0:
                 raise APIError(429, "rate limit reached for this client; retry after the time in Retry-After",
