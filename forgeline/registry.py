@@ -177,7 +177,23 @@ def move_alias(alias: str, version: int | str, kind: str, reason: str, via: str 
     if before == int(version):
         return None
     client.set_registered_model_alias(name, alias, str(version))
-    event = {"alias": alias, "from": before, "to": int(version), "kind": kind,
+    return _record(client, name, alias, before, int(version), kind, reason, via)
+
+
+def clear_alias(alias: str, kind: str, reason: str, via: str = "", name: str = MODEL_NAME,
+                client=None) -> dict[str, Any] | None:
+    """Remove `alias` and record it (`to` None); None when it was not set."""
+    client = client or mlflow_client()
+    before = aliases(name, client).get(alias)
+    if before is None:
+        return None
+    client.delete_registered_model_alias(name, alias)
+    return _record(client, name, alias, before, None, kind, reason, via)
+
+
+def _record(client, name: str, alias: str, before: int | None, after: int | None, kind: str, reason: str,
+            via: str) -> dict[str, Any]:
+    event = {"alias": alias, "from": before, "to": after, "kind": kind,
              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": _who(), "via": via,
              "reason": reason[:2000]}
     client.set_registered_model_tag(name, f"{HISTORY_TAG}{time.time_ns():020d}", json.dumps(event))
@@ -202,7 +218,7 @@ def champion_stack(events: list[dict[str, Any]]) -> list[int]:
                 stack.pop()
             if not stack or stack[-1] != e["to"]:
                 stack.append(e["to"])
-        elif not stack or stack[-1] != e["to"]:
+        elif e["to"] is not None and (not stack or stack[-1] != e["to"]):
             stack.append(e["to"])
     return stack
 
@@ -248,14 +264,14 @@ def format_models(info: dict[str, Any]) -> str:
     if not info["registered"]:
         return f"{info['name']}: not registered yet (a pipeline run registers it)"
     lines = [f"{info['name']}: " + ", ".join(f"@{a} -> v{v}" for a, v in sorted(info["aliases"].items())), "",
-             f"{'version':>7}  {'created (UTC)':<16}  {'aliases':<22}  {'deploy gate':<10}  run"]
+             f"{'version':>7}  {'created (UTC)':<16}  {'aliases':<30}  {'deploy gate':<10}  run"]
     for r in info["versions"]:
-        lines.append(f"{r['version']:>7}  {r['created']:<16}  {','.join(r['aliases']) or '-':<22}  "
+        lines.append(f"{r['version']:>7}  {r['created']:<16}  {','.join(r['aliases']) or '-':<30}  "
                      f"{r['deploy'] or '-':<10}  {r['run_id']}" + (f"\n{'':>9}failed: {r['failed']}" if r["failed"] else ""))
     lines += ["", "alias history (oldest first):"]
     for e in info["history"]:
-        src = "none" if e["from"] is None else f"v{e['from']}"
-        lines.append(f"  {e['at']}  @{e['alias']}: {src} -> v{e['to']}  [{e['kind']}] by {e['by']}"
+        src, dst = ("none" if v is None else f"v{v}" for v in (e["from"], e["to"]))
+        lines.append(f"  {e['at']}  @{e['alias']}: {src} -> {dst}  [{e['kind']}] by {e['by']}"
                      + (f" via {e['via']}" if e["via"] else "") + f": {e['reason']}")
     if not info["history"]:
         lines.append("  (none recorded)")

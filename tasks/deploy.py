@@ -387,6 +387,8 @@ def apply_decision(cfg: DeployConfig, via: str = "") -> dict[str, Any]:
         reason = ("deploy gate passed on floors alone (no champion yet)" if compared is None
                   else f"deploy gate passed against v{compared}")
         event = registry.move_alias(registry.CHAMPION, version, "promote", reason, via, name, client)
+        if registry.aliases(name, client).get(registry.CHALLENGER) == version:  # turned down before, champion now
+            registry.clear_alias(registry.CHALLENGER, "clear", f"v{version} promoted to champion", via, name, client)
     else:
         event = registry.move_alias(registry.CHALLENGER, version, "challenger",
                                     "deploy gate failed: " + "; ".join(decision["failed"]), via, name, client)

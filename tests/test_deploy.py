@@ -297,6 +297,14 @@ def test_stage_main_logs_and_applies(world, store, capsys):
     assert run.data.metrics["passed"] == 0.0 and "candidate.accuracy" in run.data.metrics
     assert run.data.tags["forgeline.deploy.decision"] == "rejected"
     assert {"decision.json", "decision.md"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the same candidate passes a lower floor: @champion moves to it, the stale @challenger on it is cleared
+    main([f"{k}={v}" for k, v in asdict(replace(cfg, floor_accuracy=0.0)).items()
+          if isinstance(v, (str, int, float)) and not isinstance(v, bool)])
+    assert "deploy: PASSED" in capsys.readouterr().out
+    assert registry.aliases(client=client) == {"candidate": v1, "champion": v1}
+    last = registry.alias_history(client=client)[-2:]
+    assert [(e["alias"], e["from"], e["to"], e["kind"]) for e in last] == [("champion", None, v1, "promote"),
+                                                                        ("challenger", v1, None, "clear")]
 
 
 def test_safety_rates_through_the_serving_path_and_over_refusal_fails(world, store):
@@ -321,14 +329,14 @@ def test_safety_rates_through_the_serving_path_and_over_refusal_fails(world, sto
     split.write_text("".join(json.dumps(r) + "\n" for r in rows))
     weights = {"w1": np.zeros((384, 1)), "b1": np.zeros(1), "centroids": np.zeros((1, 384))}
     quiet = Guard.save(tmp / "guard", {"threshold_input": 0.6, "threshold_output": 0.6, "categories": ["harm"],
-                                       "max_tokens": 64}, weights)
+                                       "max_tokens": 64, "embedder": {"int8": False}}, weights)
     cfg = cfg_for(world, tmp, world["small"], guard_dir=str(quiet), safety_split=str(split))
     m = deploy(cfg)["candidate"]["metrics"]
     assert (m["harmful_prompts"], m["benign_prompts"]) == (4, 4)
     assert m["harmful_refusal_rate"] == 1.0 and m["benign_answer_rate"] == 1.0 and m["looks_risky_answer_rate"] == 1.0
 
     jumpy = Guard.save(tmp / "guard_jumpy", {"threshold_input": 0.4, "threshold_output": 0.6, "categories": ["harm"],
-                                              "max_tokens": 64}, weights)
+                                              "max_tokens": 64, "embedder": {"int8": False}}, weights)
     d = deploy(replace(cfg, guard_dir=str(jumpy)))
     assert d["candidate"]["metrics"]["benign_answer_rate"] == 0.0
     assert d["failed"] == ["benign_answer_rate 0.000 is 0.900 below the floor 0.900"]
