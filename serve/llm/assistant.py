@@ -147,10 +147,10 @@ class Assistant:
             return Verdict(True)
         return as_verdict(self.guard.check_input(text), "input_unsafe")
 
-    def check_output(self, text: str, full: bool = True) -> Verdict:
-        """The response safety evaluator: the guard with the canary as a secret (full=True), or the canary
-        rule alone (full=False, or no guard)."""
-        if full and self.guard is not None:
+    def check_output(self, text: str) -> Verdict:
+        """The response safety evaluator: the guard with the canary as a secret, or without a guard the canary
+        rule alone."""
+        if self.guard is not None:
             return as_verdict(self.guard.check_output(text, secrets=[self.canary]), "output_unsafe")
         return check_secret(text, self.canary)
 
@@ -323,9 +323,9 @@ class Assistant:
     def stream(self, messages: list[dict], **kw) -> Iterator[StreamDelta | Reply]:
         """The reply as it is written: StreamDelta pieces, then the final Reply (its text = the pieces joined).
 
-        A piece is released only after the response evaluator passed the text up to it (the secret check on
-        every token, the guard every `stream_check_tokens` tokens and at the end). A check that fails stops
-        the reply: what follows is the rejection reply, so the stream's text still reads as one message.
+        A piece is released only after the response evaluator (the guard with the canary) passed the whole
+        text up to it: every `stream_check_tokens` tokens and at the end. A check that fails stops the reply:
+        what follows is the rejection reply, so the stream's text still reads as one message.
         With best_of > 1 the candidates must finish before the best is known: the reply comes as one piece."""
         session_id = kw.get("session_id")
         n, s = self._settings(kw.get("n", 1), kw.get("best_of") or 1, kw.get("temperature"), kw.get("top_p"),
@@ -368,23 +368,23 @@ class Assistant:
         t0 = time.perf_counter()
         worker = threading.Thread(target=run, name="forgeline-llm-stream", daemon=True)
         worker.start()
-        sent, checked_at, tokens, blocked = "", "", 0, None
+        sent, tokens, blocked = "", 0, None
         try:
             while (text := texts.get()) is not None:
                 tokens += 1
                 if blocked is not None:
                     continue
-                full = tokens % self.cfg.stream_check_tokens == 0
-                verdict = self.check_output(text, full=full)
+                if tokens % self.cfg.stream_check_tokens:
+                    continue              # held back until the next check covers it
+                verdict = self.check_output(text)
                 if not verdict.allowed:
                     blocked = verdict
                     cancelled.set()
                     continue
-                if full:
-                    checked_at = text.rstrip("\ufffd")   # a character whose bytes are not all out yet waits
-                    if checked_at.startswith(sent) and len(checked_at) > len(sent):
-                        yield StreamDelta(checked_at[len(sent):])
-                        sent = checked_at
+                checked_at = text.rstrip("\ufffd")   # a character whose bytes are not all out yet waits
+                if checked_at.startswith(sent) and len(checked_at) > len(sent):
+                    yield StreamDelta(checked_at[len(sent):])
+                    sent = checked_at
             worker.join()
             if "error" in result:
                 raise result["error"]

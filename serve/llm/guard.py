@@ -4,9 +4,9 @@ rejection response generator, over forgeline/safety.py's Guard (rules plus the `
     guard.check_input(text) -> safety.Verdict          guard.check_output(text, secrets=[canary]) -> safety.Verdict
 
 **The canary.** The system prompt carries a secret. The evaluator passes it to `check_output` on every reply, and
-a stream runs forgeline.safety's `leaked_secret` on the text after every token (the guard's full check every few
-tokens), so no piece holding the secret, plainly or encoded, is released: enforced, not left to the small model.
-Without a guard (a bare model folder) the canary rule still runs.
+a stream releases text only after that check passed the whole text so far (every few tokens), so no piece holding
+the secret, plainly or encoded, is sent: enforced, not left to the small model. Without a guard (a bare model
+folder) the canary rule (forgeline.safety's `leaked_secret`) still runs.
 """
 from __future__ import annotations
 
