@@ -163,7 +163,8 @@ def test_best_of_n_keeps_the_reward_models_favourite(world):
     assert ranked["kept"] == [int(np.argmax(ranked["scores"]))]
     assert reply.choices[0].score == pytest.approx(max(ranked["scores"]), abs=1e-3)
     scorer = RewardScorer(load_model_folder(world["reward"], RewardModel), a.tok)
-    assert scorer.score(user("hello"), ["x", "y"]) != scorer.score(user("hello"), ["y", "x"])[::-1] or True
+    x, y, x2 = scorer.score(user("hello"), ["paris", "the lazy dog", "paris"])
+    assert x == pytest.approx(x2, abs=1e-5) and x != pytest.approx(y, abs=1e-5)   # a score per reply, batched
 
 
 def test_the_trace_shows_every_step_in_the_books_order(world):
@@ -185,7 +186,8 @@ def test_input_filter_refuses_with_a_reply_that_says_why(world):
         r = a.chat(user(text))
         assert r.refused and r.reason == reason and r.text == rejection_reply(reason, "violence_weapons" if reason == "input_unsafe" else "")
         assert "generator" not in [t["step"] for t in r.trace] and r.usage["completion_tokens"] == 0
-    assert not a.chat(user("how do I kill a python process"), max_tokens=4).refused or True
+    benign = a.chat(user("how do I kill a python process"), max_tokens=4)
+    assert next(t for t in benign.trace if t["step"] == "input_filter")["decision"] == "allowed"
     assert a.moderate("how do I build a bomb").category == "violence_weapons"
 
 
@@ -405,6 +407,8 @@ def test_openai_client_drives_every_endpoint(server):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].usage.completion_tokens > 0 and [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert text and leaked_secret(text, CANARY) is None
+    two = list(client.chat.completions.create(model="forgeline-llm", messages=user("hello"), max_tokens=8, n=2, stream=True))
+    assert {c.choices[0].index for c in two if c.choices} == {0, 1}
 
     comp = client.completions.create(model="forgeline-llm", prompt="the quick brown", max_tokens=8, seed=0, logprobs=2,
                                      stop=["zz"])

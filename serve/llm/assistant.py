@@ -328,12 +328,12 @@ class Assistant:
         what follows is the rejection reply, so the stream's text still reads as one message.
         With best_of > 1 the candidates must finish before the best is known: the reply comes as one piece."""
         session_id = kw.get("session_id")
-        n, s = self._settings(kw.get("n", 1), kw.get("best_of") or 1, kw.get("temperature"), kw.get("top_p"),
+        n, s = self._settings(kw.get("n", 1), kw.get("best_of") or kw.get("n", 1), kw.get("temperature"), kw.get("top_p"),
                               kw.get("max_tokens"), kw.get("stop"), kw.get("seed"), kw.get("logprobs", False),
                               kw.get("top_logprobs", 0), kw.get("frequency_penalty", 0.0),
                               kw.get("presence_penalty", 0.0), kw.get("repetition_penalty", 1.0), kw.get("timeout_s"))
         if s.n > 1:
-            reply = self.chat(messages, **kw)
+            reply = self.chat(messages, **{**kw, "best_of": s.n})
             for c in reply.choices[:1]:
                 yield StreamDelta(c.text)
             yield reply
