@@ -8,7 +8,8 @@ A bad file becomes a quarantine row with a reason, never a failed run. Only regu
 the source root are read: a link that leaves the root, and any fifo, device or socket, is
 quarantined unopened (a fifo would block the read forever).
 
-Outputs in out_dir: documents.parquet (one row per file; a PDF's pages joined by form feed "\\f"),
+Outputs in out_dir: documents.parquet (one row per file; a PDF's pages joined by form feed "\\f",
+each page's OCR word confidence in page_ocr_confidence),
 quarantine.parquet (source, sha256, reason, detail) and summary.json (counts, pages/s).
 
     python -m tasks.ingest [key=value ...]
@@ -558,20 +559,23 @@ class Pending:
     def result(self, cfg: IngestConfig) -> dict:
         """The documents row, or the quarantine row (has "reason")."""
         texts, confs, n_ocr = [], [], 0
+        page_confs: list[float | None] = []  # per page: its mean word confidence, None = text layer
         n_futures = sum(isinstance(p, Future) for p in self.pages)
         for i, page in enumerate(self.pages):
             if not isinstance(page, Future):
                 texts.append(page)
+                page_confs.append(None)
             elif self.error is not None:
                 page.cancel()  # the file is quarantined already: skip its pages not yet OCR'd
             else:
                 try:
-                    text, page_confs = page.result()
+                    text, words = page.result()
                 except Quarantine as q:
                     self.error = Quarantine(q.reason, f"page {i + 1}: {q.detail}")
                     continue
                 n_ocr += 1
-                confs += page_confs
+                confs += words
+                page_confs.append(sum(words) / len(words) if words else None)
                 texts.append(text)
                 if n_futures >= 20 and n_ocr % 10 == 0:  # a long scan shows it is moving
                     print(f"    {self.source}: {n_ocr}/{n_futures} pages OCR'd", flush=True)
@@ -588,6 +592,8 @@ class Pending:
                 "kind": self.kind, "encoding": self.encoding, "replaced_chars": self.replaced_chars,
                 "pages": len(texts), "ocr": n_ocr > 0, "ocr_pages": n_ocr,
                 "ocr_confidence": sum(confs) / len(confs) if confs else math.nan,
+                # JSON list, one entry per page (null: read from the text layer, or no word found)
+                "page_ocr_confidence": json.dumps([None if c is None else round(c, 2) for c in page_confs]),
                 "n_chars": len(text), "printable_ratio": ratio, "text": text}
 
 
@@ -728,7 +734,7 @@ def list_files(fs: Any, root: str) -> tuple[list[tuple[str, str, Quarantine | No
 # ---------------------------------------------------------------- the stage
 DOC_COLUMNS = {"doc_id": "string", "source": "string", "sha256": "string", "kind": "string",
                "encoding": "string", "replaced_chars": "int64", "pages": "int64", "ocr": "bool",
-               "ocr_pages": "int64", "ocr_confidence": "float64",
+               "ocr_pages": "int64", "ocr_confidence": "float64", "page_ocr_confidence": "string",
                "n_chars": "int64", "printable_ratio": "float64", "text": "string"}
 QUARANTINE_COLUMNS = {"source": "string", "sha256": "string", "reason": "string", "detail": "string"}
 

@@ -29,6 +29,7 @@ ALLOWED = {
     # a dev tool, not run by tests, benchmarks or the demo: it (re)builds the shipped sample
     # data/raw/ from ../shared/data, with the provenance in data/README.md
     "scripts/make_sample.py",
+    "scripts/make_rag_sample.py",  # the same for the RAG pipeline's data/rag_raw/
     "tests/test_repo_rules.py",  # this file: it holds the patterns
 }
 
