@@ -257,3 +257,41 @@ def test_compose_pipeline_end_to_end(workspace):
     assert (data / "compose_eval" / "precision_coverage.png").stat().st_size > 0
     assert (data / "compose_pretrain" / "model.safetensors").exists()
     assert json.loads((data / "compose_pretrain" / "config.json").read_text())["pos_encoding"] == "learned"
+
+
+# ----------------------------------------------------------------------------- data and metrics
+
+
+def test_domain_is_dialogue_and_letters_and_pairs_cut_at_word_boundaries():
+    import random
+
+    from tasks.compose_data import ComposeDataConfig, domain_mask, make_pairs
+
+    paras = ["It was a fine morning in the country.",
+             '"I am very glad to see you," said Emma.',
+             "My dear Lizzy,", "I write in haste to tell you all is well.",
+             "Yours affectionately, Jane.", "She folded the letter and sat down."]
+    assert domain_mask(paras) == [False, True, True, True, True, False]
+    pairs = make_pairs([("doc", "I write in haste to tell you all is well. We go home on Monday.")],
+                       ComposeDataConfig(min_prefix_words=3), random.Random(0))
+    assert len(pairs) == 2
+    for p in pairs:
+        assert p["prefix"].endswith(" ") and len(p["prefix"].split()) >= 3 and p["completion"]
+        assert (p["prefix"] + p["completion"]) in "I write in haste to tell you all is well. We go home on Monday."
+
+
+def test_precision_coverage_threshold_and_exact_match():
+    from tasks.compose_eval import curve, exact_match, right_words, tune_threshold
+
+    truth = ["glad to hear it.", "at once, my dear", "the world", "very well indeed"]
+    results = [("glad to", -0.5), ("at home", -0.7), (None, -math.inf), ("very well indeed", -2.0)]
+    assert right_words("glad to", "glad to hear it.") == 2 and right_words("at home", "at once, my") == 1
+    points = curve(results, truth)
+    assert [p["coverage"] for p in points] == [0.25, 0.5, 0.75]
+    assert [p["precision"] for p in points] == pytest.approx([1.0, 0.5, 2 / 3])
+    assert tune_threshold(points, 0.5) == -0.7 and tune_threshold(points, 0.9) == -2.0
+    em = exact_match(results, truth, threshold=-0.7)
+    assert em["coverage"] == 0.5
+    assert em["exact_match@1"] == 1.0 and em["shown@1"] == 2       # first words "glad" and "at" both right
+    assert em["exact_match@2"] == 0.5 and em["shown@2"] == 2       # "glad to" right, "at home" wrong
+    assert em["exact_match@3_all"] == 0.25                         # only "very well indeed", unfiltered
