@@ -477,3 +477,31 @@ def test_rate_limit_429_and_shedding_503(world, tmp_path):
     finally:
         out = stop_server(proc)
     assert "Traceback" not in out, out
+
+
+def test_the_gate_sheds_beyond_its_queue_and_takes_back_stale_leases():
+    import asyncio
+
+    from serve.llm.api import APIError, Gate
+
+    async def scenario():
+        now = [0.0]
+        gate = Gate(slots=1, queued=1, timeout_s=0.2, lease_s=10, clock=lambda: now[0])
+        first = await gate.acquire()
+        waiter = asyncio.create_task(gate.acquire())          # queued behind the first
+        await asyncio.sleep(0.01)
+        with pytest.raises(APIError) as e:                     # the queue is full: shed at once
+            await gate.acquire()
+        assert e.value.status == 503 and e.value.headers["Retry-After"] == "1"
+        await gate.release(first)
+        second = await waiter                                  # the queued one got the slot
+        await gate.release(second)
+        await gate.release(second)                             # releasing twice is harmless
+        assert gate.leases == {}
+        leaked = await gate.acquire()                          # a lease nobody releases ...
+        with pytest.raises(APIError):                          # ... blocks the slot until the wait times out
+            await gate.acquire()
+        now[0] = 11                                            # ... until it is older than lease_s
+        assert await gate.acquire() != leaked and leaked not in gate.leases
+
+    asyncio.run(scenario())

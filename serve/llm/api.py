@@ -142,34 +142,48 @@ class RateLimiter:
 
 class Gate:
     """At most `slots` generations at once and `queued` waiting for one; beyond that, or after waiting
-    `timeout_s`, a request is shed (503) instead of queueing without bound."""
+    `timeout_s`, a request is shed (503) instead of queueing without bound.
 
-    def __init__(self, slots: int, queued: int, timeout_s: float):
-        self.slots, self.queued, self.timeout_s = slots, queued, timeout_s
-        self.active = self.waiting = 0
+    A slot is a lease: `acquire` returns its key and `release(key)` ends it (twice is harmless). A lease older
+    than `lease_s` is taken back, so a stream whose client left before its body ever started (no code of ours
+    runs then to release it) cannot hold a slot for good."""
+
+    def __init__(self, slots: int, queued: int, timeout_s: float, lease_s: float, clock=time.monotonic):
+        self.slots, self.queued, self.timeout_s, self.lease_s, self.clock = slots, queued, timeout_s, lease_s, clock
+        self.leases: dict[int, float] = {}
+        self.waiting = 0
+        self._next = 0
         self._cond: asyncio.Condition | None = None
 
-    async def acquire(self) -> None:
+    def _free(self) -> bool:
+        now = self.clock()
+        for key in [k for k, t in self.leases.items() if now - t > self.lease_s]:
+            log.warning("generation slot %d held %.0f s: taken back", key, now - self.leases.pop(key))
+        return len(self.leases) < self.slots
+
+    async def acquire(self) -> int:
         self._cond = self._cond or asyncio.Condition()
         async with self._cond:
-            if self.active >= self.slots:
+            if not self._free():
                 if self.waiting >= self.queued:
                     raise APIError(503, "the server is at capacity; retry shortly", "server_error", code="overloaded",
                                    headers={"Retry-After": "1"})
                 self.waiting += 1
                 try:
-                    await asyncio.wait_for(self._cond.wait_for(lambda: self.active < self.slots), self.timeout_s)
+                    await asyncio.wait_for(self._cond.wait_for(self._free), self.timeout_s)
                 except TimeoutError:
                     raise APIError(503, "no generation slot came free in time; retry shortly", "server_error",
                                    code="overloaded", headers={"Retry-After": "1"}) from None
                 finally:
                     self.waiting -= 1
-            self.active += 1
+            self._next += 1
+            self.leases[self._next] = self.clock()
+            return self._next
 
-    async def release(self) -> None:
+    async def release(self, key: int) -> None:
         async with self._cond:
-            self.active -= 1
-            self._cond.notify()
+            if self.leases.pop(key, None) is not None:
+                self._cond.notify()
 
 
 # ----------------------------------------------------------------------------- the service
@@ -182,7 +196,8 @@ class Service:
 
     def __post_init__(self):
         self.limiter = RateLimiter(self.cfg.rate_per_s, self.cfg.rate_burst)
-        self.gate = Gate(self.cfg.max_concurrent, self.cfg.max_queued, self.cfg.queue_timeout_s)
+        self.gate = Gate(self.cfg.max_concurrent, self.cfg.max_queued, self.cfg.queue_timeout_s,
+                         lease_s=2 * self.cfg.generation_timeout_s + 30)
 
     @classmethod
     def from_env(cls) -> "Service":
@@ -353,21 +368,21 @@ async def chat_completions(request: Request, svc: Service):
         assistant._settings(**{k: kw[k] for k in ("n", "best_of", "temperature", "top_p", "max_tokens", "stop", "seed",
                                                    "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
                                                    "repetition_penalty")}, timeout_s=None)   # 400 before the stream opens
-        await svc.gate.acquire()
-        return StreamingResponse(_stream_chat(svc, assistant, messages, kw, head, body.trace),
+        slot = await svc.gate.acquire()
+        return StreamingResponse(_stream_chat(svc, slot, assistant, messages, kw, head, body.trace),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    await svc.gate.acquire()
+    slot = await svc.gate.acquire()
     try:
         reply = await run_in_threadpool(lambda: assistant.chat(messages, **kw))
     finally:
-        await svc.gate.release()
+        await svc.gate.release(slot)
     choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                 "logprobs": {"content": c.logprobs} if c.logprobs is not None else None}
                for i, c in enumerate(reply.choices)]
     return {**head, "object": "chat.completion", "choices": choices, "usage": reply.usage, **_extension(reply, body.trace)}
 
 
-async def _stream_chat(svc: Service, assistant, messages, kw, head, trace: bool):
+async def _stream_chat(svc: Service, slot: int, assistant, messages, kw, head, trace: bool):
     chunk = {**head, "object": "chat.completion.chunk"}
     events = assistant.stream(messages, **kw)
     try:
@@ -396,7 +411,7 @@ async def _stream_chat(svc: Service, assistant, messages, kw, head, trace: bool)
             events.close()      # stops the generation when the client went away mid-stream
         except ValueError:      # still inside next() in the thread pool: it ends at max_tokens or its deadline
             pass
-        await svc.gate.release()
+        await svc.gate.release(slot)
 
 
 @router.post("/v1/completions")
@@ -412,11 +427,11 @@ async def completions(request: Request, svc: Service):
     kw.pop("session_id")
     kw.update(logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
     assistant = await run_in_threadpool(svc.holder.current)
-    await svc.gate.acquire()
+    slot = await svc.gate.acquire()
     try:
         replies = [await run_in_threadpool(lambda p=p: assistant.complete(p, **kw)) for p in prompts]
     finally:
-        await svc.gate.release()
+        await svc.gate.release(slot)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for p, reply in zip(prompts, replies):
         for c in reply.choices:
