@@ -268,6 +268,9 @@ def test_sessions_carry_history_and_enforce_limits(world):
     r3 = a.chat(user("more"), session_id="s1")
     assert r3.refused and r3.reason == "session_turn_limit" and "new session" in r3.text
     assert not a.chat(user("hello"), session_id="s2", max_tokens=4, best_of=1).reason.startswith("session")
+    guarded = assistant(world, guard=RuleGuard())
+    assert guarded.chat(user("my card is 4111 1111 1111 1111"), session_id="s3").reason == "pii"
+    assert guarded.sessions.get("s3").messages == []                 # a refused request is not stored
 
     now = [0.0]
     store = SessionStore(max_turns=5, max_tokens=100, ttl_s=60, max_sessions=2, clock=lambda: now[0])

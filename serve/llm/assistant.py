@@ -235,8 +235,10 @@ class Assistant:
         usage = _usage(prompt_tokens, completion_tokens)
         return Reply(text, True, verdict.reason, trace, usage, [Choice(text, "content_filter")] * n, self.name)
 
-    def _finish(self, trace, session_id, new_messages, reply: Reply) -> Reply:
-        if session_id is not None and not reply.reason.startswith("session_"):
+    def _finish(self, trace, session_id, new_messages, reply: Reply, record: bool = True) -> Reply:
+        """Log the request; keep the exchange in its session unless the request itself was refused (a request
+        the input filter stopped, PII in it above all, is not stored) or the session is over its limits."""
+        if session_id is not None and record:
             self.sessions.record(session_id, new_messages, reply.text, reply.usage["total_tokens"])
             trace.append({"step": "session", "decision": "recorded", "session_id": session_id})
         log.info(json.dumps({"model": self.name, "refused": reply.refused, "reason": reply.reason, "usage": reply.usage,
@@ -256,7 +258,7 @@ class Assistant:
         trace: list[dict] = []
         enhanced, why = self._prepare(messages, session_id, s.max_new_tokens, trace)
         if why is not None:
-            return self._finish(trace, session_id, messages, self._refusal(why, trace, n=n))
+            return self._finish(trace, session_id, messages, self._refusal(why, trace, n=n), record=False)
         s = _replace(s, max_new_tokens=enhanced.max_new_tokens)
         t0 = time.perf_counter()
         cands = self.generator(enhanced.ids, s)
@@ -341,7 +343,7 @@ class Assistant:
         trace: list[dict] = []
         enhanced, why = self._prepare(messages, session_id, s.max_new_tokens, trace)
         if why is not None:
-            reply = self._finish(trace, session_id, messages, self._refusal(why, trace, n=n))
+            reply = self._finish(trace, session_id, messages, self._refusal(why, trace, n=n), record=False)
             yield StreamDelta(reply.text)
             yield reply
             return
