@@ -467,7 +467,8 @@ def test_rate_limit_429_and_shedding_503(world, tmp_path):
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         # (the start-up's GET /v1/models took one token) one streaming request holds the only slot ...
-        stream = client.chat.completions.create(model="forgeline-llm", messages=user("hello"), max_tokens=64, stream=True)
+        stream = client.chat.completions.create(model="forgeline-llm", messages=user("hello"), max_tokens=64, stream=True,
+                                                extra_body={"best_of": 8})   # 8 x 64 tokens before its first word
         next(iter(stream))
         with pytest.raises(openai.InternalServerError) as e:       # ... so the next is shed at once, not queued
             client.chat.completions.create(model="forgeline-llm", messages=user("hello"), max_tokens=4)
