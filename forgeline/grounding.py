@@ -233,7 +233,9 @@ def extractive_answer(question: str, qvec: np.ndarray, hits: list[dict], encoder
         for s, e in sentences(h["text"]):
             sent = tidy(h["text"][s:e])
             # an instruction to the model inside a document is data: quoted by no answer
-            if 4 <= len(sent.split()) <= 80 and not INSTRUCTION_LIKE.search(sent) and not LEADERS.search(sent):
+            # a question (a FAQ heading) answers nothing; nor do a contents page's dot leaders
+            if 4 <= len(sent.split()) <= 80 and not sent.endswith("?") and not INSTRUCTION_LIKE.search(sent) \
+                    and not LEADERS.search(sent):
                 cands.append((sent, cite(h, s)))
     if not cands:
         return {"text": "", "sentences": []}

@@ -225,7 +225,7 @@ def rrf(rankings: Sequence[Sequence[int]], k: int = 60) -> list[tuple[int, float
 
 # ---------------------------------------------------------------------------- query expansion
 QUESTION_FRAME = re.compile(r"^\s*(what|which|who|whom|whose|when|where|why|how)\b(\s+(is|are|was|were|do|does|did|"
-                            r"can|could|should|would|will|many|much|the|a|an))*\s*", re.I)
+                            r"can|could|should|would|will|many|much|the|a|an|i|we|you|it|they))*\s*", re.I)
 
 
 def multi_query(question: str) -> list[str]:

