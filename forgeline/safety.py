@@ -338,8 +338,14 @@ class Embedder:
         self.torch = torch
 
     def __call__(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """[len(texts), dim] float32, unit rows. Texts sorted by length so a batch pads little."""
+        """[len(texts), dim] float32, unit rows. Texts sorted by length so a batch pads little.
+
+        int8 embeds one text at a time: dynamic quantization scales activations per tensor, so a
+        text's embedding would otherwise depend on the batch it came in (the service checks one
+        text at a time; training must see the same numbers).
+        """
         torch = self.torch
+        batch_size = 1 if self.int8 else batch_size
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         with torch.inference_mode():

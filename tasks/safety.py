@@ -160,7 +160,7 @@ def load_rows(cfg: SafetyConfig) -> tuple[list[dict], dict]:
 # ---------------------------------------------------------------------------- embeddings (memoised by text)
 def embed(texts: list[str], embedder: Embedder, cache: str) -> np.ndarray:
     """Embeddings of `texts`, those already in the `cache` file (keyed by sha256 of max_tokens, int8, text) reused."""
-    keys = [hashlib.sha256(f"{embedder.max_tokens}\0{embedder.int8}\0{t}".encode()).hexdigest()[:32] for t in texts]
+    keys = [hashlib.sha256(f"{embedder.max_tokens}\0{embedder.int8}\0b1\0{t}".encode()).hexdigest()[:32] for t in texts]
     known: dict[str, np.ndarray] = {}
     path = Path(cache) if cache else None
     if path and path.exists():
@@ -351,13 +351,20 @@ def safety(cfg: SafetyConfig, embedder: Embedder | None = None) -> dict:
                 "n_train": len(idx["train"]), "n_val": len(idx["val"]), "n_test": len(idx["test"]),
                 "n_groups": int(len(set(groups.tolist()))), "embed_seconds": round(t_embed, 1),
                 "seconds": round(time.perf_counter() - t0, 1)}
+    # what other over-refusal budgets would buy: val-chosen input thresholds, the classifier alone on test
+    tradeoff = []
+    val_p = [i for i in idx["val"] if rows[i]["role"] == "prompt"]
+    test_p = [i for i in idx["test"] if rows[i]["role"] == "prompt"]
+    for budget in sorted({cfg.max_false_flag_rate, 0.05, 0.1, 0.2}):
+        t, _ = pick_threshold(probs[val_p], [rows[i] for i in val_p], budget)
+        tradeoff.append({"budget": budget, "threshold": t, **rates(probs[test_p] >= t, [rows[i] for i in test_p])})
     with open(out / "heldout.jsonl", "w", encoding="utf-8") as f:
         for r in test:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     counts = {s: {f"{k}/{role}": sum(1 for r in by[s] if r["kind"] == k and r["role"] == role)
                   for k in ("harmful", "toxic", "benign", "looks_risky") for role in ("prompt", "response")}
               for s in by}
-    summary = {"metrics": metrics, "threshold_reason": reasons, "dropped": dropped,
+    summary = {"metrics": metrics, "threshold_reason": reasons, "input_tradeoff": tradeoff, "dropped": dropped,
                "counts": {s: {k: v for k, v in c.items() if v} for s, c in counts.items()}, "categories": categories}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return metrics
@@ -368,7 +375,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from forgeline.tracking import stage_run
 
+    import torch
+
     stage, cfg = stage_config(SafetyConfig, "safety", sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(1)  # one text at a time (int8): a second thread costs more than it saves, worse under load
     with stage_run(stage, config_dict(cfg)):
         metrics = safety(cfg)
         mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})  # NaN (an empty class) not logged
