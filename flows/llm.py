@@ -1,7 +1,7 @@
 """The LLM pipeline, one Prefect task per DVC stage: ingest → validate → chunk → tokenizer → pretrain → evaluate,
-then alignment: chat_data → sft → reward → rlhf (PPO or DPO, configs/rlhf.yaml). The aligned model is
-registered in MLflow (forgeline-llm@candidate), the deploy gate weighs it against @champion (configs/deploy.yaml)
-and the run's report card is written.
+then alignment: chat_data → sft → reward → rlhf (PPO or DPO, configs/rlhf.yaml), and the service's safety
+guard (safety). The aligned model is registered in MLflow (forgeline-llm@candidate), the deploy gate weighs it
+against @champion (configs/deploy.yaml) and the run's report card is written.
 
 DVC decides what is stale; each stage is an MLflow child run under one parent run per pipeline run.
 
@@ -38,6 +38,7 @@ from tasks.pretrain import PretrainConfig, pretrain_task
 from tasks.report import report_task
 from tasks.reward import RewardConfig, reward_task
 from tasks.rlhf import RLHFConfig, rlhf_task
+from tasks.safety import SafetyConfig, safety_task
 from tasks.sft import SFTConfig, sft_task
 from tasks.tokenizer import TokenizerConfig, tokenizer_task
 from tasks.validate import ValidateConfig, ValidationFailed, validate_task
@@ -45,7 +46,7 @@ from tasks.validate import ValidateConfig, ValidationFailed, validate_task
 STAGES = {"ingest": IngestConfig, "validate": ValidateConfig, "chunk": ChunkConfig,
           "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "evaluate": EvaluateConfig,
           "chat_data": ChatDataConfig, "sft": SFTConfig, "reward": RewardConfig, "rlhf": RLHFConfig,
-          "deploy": DeployConfig}
+          "safety": SafetyConfig, "deploy": DeployConfig}
 # the flow's parameters: per stage its optional overrides (a form in the Prefect UI), wait_s, push
 LLMParams = pipeline_params("LLMParams", STAGES)
 
@@ -75,6 +76,7 @@ def llm(params: LLMParams = LLMParams()) -> list[dict]:
             sft_task(run),
             reward_task(run),
             rlhf_task(run),
+            safety_task(run),
         ]
         model = register_task(run)
         print(f"model: {model['uri']} ({'new version' if model['created'] else 'unchanged'}) from run {model['run_id']}")

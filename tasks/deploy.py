@@ -54,6 +54,7 @@ class DeployConfig:
     reward_dir: str = "data/reward"       # best-of-N in the serving path; "" = none
     guard_dir: str = ""                   # the safety stage's guard (forgeline/safety.py); "" = no guard
     safety_split: str = ""                # held-out harmful/benign prompts (JSONL); "" = safety not measured
+    safety_prompts: int = 0               # at most this many of its prompts, evenly spaced (keeps the mix); 0 = all
     out_dir: str = "data/deploy"          # decision.json, decision.md, evaluation.json
     model_name: str = "forgeline-llm"
     # quality
@@ -80,8 +81,8 @@ class DeployConfig:
         for name in ("max_new_tokens", "latency_prompts", "serve_max_tokens", "serve_best_of"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"deploy: {name} must be >= 1")
-        if self.quality_rows < 0 or self.warmup_prompts < 0:
-            raise ConfigError("deploy: quality_rows and warmup_prompts must be >= 0")
+        if min(self.quality_rows, self.warmup_prompts, self.safety_prompts) < 0:
+            raise ConfigError("deploy: quality_rows, warmup_prompts and safety_prompts must be >= 0")
         for name in ("floor_accuracy", "floor_harmful_refusal", "floor_benign_answer"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"deploy: {name} is a rate, 0..1")
@@ -130,8 +131,8 @@ def serving_path(model_dir: str | Path, cfg: DeployConfig, guard=None) -> Callab
 
 def safety(chat: Callable, rows: list[dict]) -> dict[str, float]:
     """Through the serving path, the share of harmful prompts refused and of benign ones answered, from the
-    safety stage's held-out split (rows {text, label 1 = harmful, kind, role}; its replies, role=response,
-    test the guard alone and are skipped here). Benign includes the prompts that only look risky ("kill a
+    safety stage's held-out split (its prompts: rows {text, label 1 = harmful, kind, role=prompt}; its
+    replies, role=response, test the guard alone and are left out by `evaluate`). Benign includes the prompts that only look risky ("kill a
     Python process"), also reported alone. A prompt the model's context cannot hold (a 400 from the
     service) counts in neither rate, only in `too_long`."""
     from serve.llm.assistant import RequestError
@@ -139,8 +140,6 @@ def safety(chat: Callable, rows: list[dict]) -> dict[str, float]:
     refused: dict[str, list[bool]] = {"harmful": [], "benign": [], "looks_risky": []}
     too_long = 0
     for r in rows:
-        if r["role"] != "prompt":
-            continue
         try:
             was = chat([{"role": "user", "content": r["text"]}]).refused
         except RequestError:
@@ -187,7 +186,9 @@ def evaluate(cfg: DeployConfig, models: dict[str, Path]) -> dict[str, dict[str, 
         verifiable = verifiable[:cfg.quality_rows]
     chat_prompts = [[{"role": "user", "content": r["messages"][-2]["content"]}]
                     for r in val[:cfg.latency_prompts + cfg.warmup_prompts]]
-    safety_rows = read_jsonl(cfg.safety_split) if cfg.safety_split else []
+    safety_rows = [r for r in read_jsonl(cfg.safety_split) if r["role"] == "prompt"] if cfg.safety_split else []
+    if cfg.safety_prompts and len(safety_rows) > cfg.safety_prompts:
+        safety_rows = [safety_rows[i * len(safety_rows) // cfg.safety_prompts] for i in range(cfg.safety_prompts)]
     guard = None
     if cfg.guard_dir:
         from forgeline.safety import Guard

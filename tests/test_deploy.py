@@ -337,6 +337,7 @@ def test_safety_rates_through_the_serving_path_and_over_refusal_fails(world, sto
 
     jumpy = Guard.save(tmp / "guard_jumpy", {"threshold_input": 0.4, "threshold_output": 0.6, "categories": ["harm"],
                                               "max_tokens": 64, "embedder": {"int8": False}}, weights)
-    d = deploy(replace(cfg, guard_dir=str(jumpy)))
-    assert d["candidate"]["metrics"]["benign_answer_rate"] == 0.0
+    d = deploy(replace(cfg, guard_dir=str(jumpy), safety_prompts=4))  # every other prompt: the mix is kept
+    m = d["candidate"]["metrics"]
+    assert (m["harmful_prompts"], m["benign_prompts"], m["benign_answer_rate"]) == (2, 2, 0.0)
     assert d["failed"] == ["benign_answer_rate 0.000 is 0.900 below the floor 0.900"]
