@@ -298,6 +298,14 @@ def test_generated_answer_through_models_sampling_with_faithfulness_flags(built,
     assert answer(LICENSE_Q, corpus, qcfg, gen)["generated"]["text"] == g["text"]  # seeded
     assert res["extractive"]["faithfulness"]["score"] == 1.0
 
+    # generator hf: any local Hugging Face causal LM folder (here the same weights exported as Llama)
+    from models.llama_export import export_llama
+
+    hf_dir = export_llama(GPT(cfg), tmp_path / "hf", tmp_path / "tokenizer.json")
+    hf = answer(LICENSE_Q, corpus, QueryConfig(generator="hf", generator_dir=str(hf_dir), max_new_tokens=16),
+                Generator("hf", str(hf_dir)))["generated"]
+    assert hf["text"] and 0.0 <= hf["faithfulness"]["score"] < 1.0 and not hf["leak_blocked"]
+
 
 # ---------------------------------------------------------------------------- the pipeline, end to end
 @pytest.mark.slow
