@@ -196,7 +196,9 @@ def up_to_date() -> frozenset[str]:
         with Repo(str(ROOT)) as repo:
             stale = repo.status()
             _fresh.clear()
-            _fresh[sig] = frozenset(s.name for s in repo.index.stages) - set(stale)
+            # addressing: a dvc.yaml stage's name, a `dvc add` file's path (data/feedback/pairs.jsonl.dvc has
+            # no name), as status() keys them
+            _fresh[sig] = frozenset(s.addressing for s in repo.index.stages) - set(stale)
     return _fresh[sig]
 
 
