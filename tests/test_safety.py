@@ -188,16 +188,20 @@ SMALL = ["max_per_source=40", "max_chatterbot=120", "steps=300"]
 @pytest.fixture(scope="module")
 def stage_out(tmp_path_factory):
     """`python -m tasks.safety` on the shipped data with a small config, logging to a throw-away MLflow store."""
+    import torch
+
     from tasks.safety import main
 
     tmp = tmp_path_factory.mktemp("safety")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
     mp.delenv("FORGELINE_RUN_ID", raising=False)
+    threads = torch.get_num_threads()  # main() sets one thread for its process; the test session keeps its own
     try:
         main([*SMALL, f"out_dir={tmp}/out", f"embed_cache={tmp}/emb.npz"])
     finally:
         mp.undo()
+        torch.set_num_threads(threads)
     return tmp
 
 
