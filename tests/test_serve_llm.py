@@ -509,3 +509,9 @@ def test_the_gate_sheds_beyond_its_queue_and_takes_back_stale_leases():
         assert await gate.acquire() != leaked and leaked not in gate.leases
 
     asyncio.run(scenario())
+
+
+def test_ignore_eos_runs_every_candidate_to_max_tokens(world):
+    r = assistant(world).chat(user("hello"), best_of=3, max_tokens=20, seed=0, ignore_eos=True)
+    gen = next(t for t in r.trace if t["step"] == "generator")
+    assert gen["tokens"] == [20, 20, 20] and r.choices[0].finish_reason == "length"

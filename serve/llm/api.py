@@ -5,7 +5,7 @@
 
 Parameters: model, messages | prompt, temperature, top_p, max_tokens (max_completion_tokens), stop, n, seed,
 logprobs/top_logprobs, frequency_penalty, presence_penalty; extensions (the openai client's `extra_body`):
-best_of, repetition_penalty, session_id, trace. `usage` is in every answer (a stream's last chunk). Errors are
+best_of, repetition_penalty, session_id, trace, ignore_eos (vLLM's). `usage` is in every answer (a stream's last chunk). Errors are
 OpenAI's error object: 400 bad JSON or field, 404 unknown model, 413 body too large, 429 per-client rate limit
 (with Retry-After), 503 when shedding load or when no model can be served, 500 with no stack trace.
 
@@ -61,6 +61,7 @@ class _Body(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
+    ignore_eos: bool = False
     stream: bool = False
     trace: bool = False
     session_id: str | None = Field(None, max_length=128)
@@ -276,7 +277,7 @@ def _settings(body: _Body, max_tokens: int | None) -> dict:
     return dict(n=body.n, best_of=body.best_of, temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens,
                 stop=body.stop, seed=body.seed, frequency_penalty=body.frequency_penalty,
                 presence_penalty=body.presence_penalty, repetition_penalty=body.repetition_penalty,
-                session_id=body.session_id)
+                session_id=body.session_id, ignore_eos=body.ignore_eos)
 
 
 def _extension(reply: Reply, trace: bool) -> dict:

@@ -159,7 +159,8 @@ class Assistant:
         return self._check_input(text)
 
     def _settings(self, n, best_of, temperature, top_p, max_tokens, stop, seed, logprobs, top_logprobs,
-                  frequency_penalty, presence_penalty, repetition_penalty, timeout_s) -> tuple[int, GenSettings]:
+                  frequency_penalty, presence_penalty, repetition_penalty, timeout_s,
+                  ignore_eos: bool = False) -> tuple[int, GenSettings]:
         c = self.cfg
         best_of = best_of or max(n, c.best_of if self.scorer is not None else n)
         if not 1 <= n <= best_of <= c.max_n:
@@ -176,7 +177,7 @@ class Assistant:
                         top_p=c.top_p if top_p is None else top_p, max_new_tokens=max_tokens, stop=stop, seed=seed,
                         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                         repetition_penalty=repetition_penalty, logprobs=bool(logprobs or top_logprobs),
-                        top_logprobs=top_logprobs,
+                        top_logprobs=top_logprobs, ignore_eos=bool(ignore_eos),
                         deadline=time.monotonic() + (timeout_s or c.generation_timeout_s))
         if not (0 <= s.temperature <= 2 and 0 < s.top_p <= 1 and -2 <= frequency_penalty <= 2
                 and -2 <= presence_penalty <= 2 and 0 < repetition_penalty <= 10):
@@ -251,10 +252,11 @@ class Assistant:
              top_p: float | None = None, max_tokens: int | None = None, stop=None, seed: int | None = None,
              session_id: str | None = None, logprobs: bool = False, top_logprobs: int = 0,
              frequency_penalty: float = 0.0, presence_penalty: float = 0.0, repetition_penalty: float = 1.0,
-             timeout_s: float | None = None) -> Reply:
-        """n replies, the best of best_of candidates (default ServiceConfig.best_of with a reward model, else n)."""
+             timeout_s: float | None = None, ignore_eos: bool = False) -> Reply:
+        """n replies, the best of best_of candidates (default ServiceConfig.best_of with a reward model, else n).
+        ignore_eos (vLLM's extension): every candidate runs to max_tokens (benchmarks)."""
         n, s = self._settings(n, best_of, temperature, top_p, max_tokens, stop, seed, logprobs, top_logprobs,
-                              frequency_penalty, presence_penalty, repetition_penalty, timeout_s)
+                              frequency_penalty, presence_penalty, repetition_penalty, timeout_s, ignore_eos)
         trace: list[dict] = []
         enhanced, why = self._prepare(messages, session_id, s.max_new_tokens, trace)
         if why is not None:
@@ -290,11 +292,12 @@ class Assistant:
     def complete(self, prompt: str, *, n: int = 1, best_of: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, max_tokens: int | None = None, stop=None, seed: int | None = None,
                  logprobs: bool = False, top_logprobs: int = 0, frequency_penalty: float = 0.0,
-                 presence_penalty: float = 0.0, repetition_penalty: float = 1.0, timeout_s: float | None = None) -> Reply:
+                 presence_penalty: float = 0.0, repetition_penalty: float = 1.0, timeout_s: float | None = None,
+                 ignore_eos: bool = False) -> Reply:
         """A raw prompt continued (POST /v1/completions): no template, no system prompt; the same guards,
         best-of-N (the reward model reads the prompt as a user turn) and limits."""
         n, s = self._settings(n, best_of, temperature, top_p, max_tokens, stop, seed, logprobs, top_logprobs,
-                              frequency_penalty, presence_penalty, repetition_penalty, timeout_s)
+                              frequency_penalty, presence_penalty, repetition_penalty, timeout_s, ignore_eos)
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError("prompt: a non-empty string", "prompt")
         if len(prompt) > self.cfg.max_prompt_chars:
@@ -333,7 +336,8 @@ class Assistant:
         n, s = self._settings(kw.get("n", 1), kw.get("best_of") or kw.get("n", 1), kw.get("temperature"), kw.get("top_p"),
                               kw.get("max_tokens"), kw.get("stop"), kw.get("seed"), kw.get("logprobs", False),
                               kw.get("top_logprobs", 0), kw.get("frequency_penalty", 0.0),
-                              kw.get("presence_penalty", 0.0), kw.get("repetition_penalty", 1.0), kw.get("timeout_s"))
+                              kw.get("presence_penalty", 0.0), kw.get("repetition_penalty", 1.0), kw.get("timeout_s"),
+                              kw.get("ignore_eos", False))
         if s.n > 1:
             reply = self.chat(messages, **{**kw, "best_of": s.n})
             for c in reply.choices[:1]:

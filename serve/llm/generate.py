@@ -33,6 +33,7 @@ class GenSettings:
     logprobs: bool = False
     top_logprobs: int = 0
     deadline: float | None = None       # time.monotonic() after which every candidate ends ("length")
+    ignore_eos: bool = False            # <|end|> does not end a candidate: all run to max_new_tokens (benchmarks)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class ResponseGenerator:
         cfg = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
                                presence_penalty=s.presence_penalty, num_return_sequences=s.n,
-                               stop_tokens=self.stop_ids, seed=s.seed)
+                               stop_tokens=() if s.ignore_eos else self.stop_ids, seed=s.seed)
         rows = [_Row() for _ in range(s.n)]
 
         def on_step(live: torch.Tensor, tokens: torch.Tensor, logits: torch.Tensor):
@@ -78,7 +79,7 @@ class ResponseGenerator:
             late = s.deadline is not None and time.monotonic() > s.deadline
             for j, (r, t) in enumerate(zip(live.tolist(), tokens.tolist())):
                 row = rows[r]
-                if t in self.stop_ids:
+                if t in self.stop_ids and not s.ignore_eos:
                     row.done = "stop"
                     continue
                 row.tokens.append(t)
