@@ -18,7 +18,7 @@ import pytest
 from forgeline.feedback import latest, read_records
 from forgeline.safety import Guard
 from tests.test_serve_llm import start_server, stop_server, tiny_folder
-from tests.test_ui import ARTIFACTS, CHROMIUM
+from tests.test_ui import ARTIFACTS, CHROMIUM, browser  # noqa: F401 (browser: the fixture)
 
 pytestmark = pytest.mark.slow   # a browser and a server: end to end
 
@@ -43,7 +43,7 @@ def server(tmp_path_factory):
     model = tiny_folder(tmp / "llm")
     # the safety stage's folder format, its classifier flagging nothing: the guard's rules decide
     Guard.save(tmp / "guard", {"threshold_input": 0.5, "threshold_output": 0.5, "categories": ["violence_weapons"],
-                               "max_tokens": 64},
+                               "max_tokens": 64, "embedder": {"int8": False}},
                {"w1": np.zeros((384, 1)), "b1": np.full(1, -30.0), "centroids": np.zeros((1, 384))})
     store = tmp / "feedback"
     proc, url = start_server({"FORGELINE_LLM_MODEL": str(model), "FORGELINE_LLM_GUARD": str(tmp / "guard"),
@@ -55,21 +55,11 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture
-def page(tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            viewport={"width": 1000, "height": 800},
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
-        context.set_default_timeout(60_000)
-        context.add_init_script(WATCH_REPLIES)
-        try:
-            yield context.pages[0] if context.pages else context.new_page()
-        finally:
-            context.close()
+def page(browser):
+    """A page of test_ui's headless Chromium that records every state of the reply bubbles."""
+    page = browser.new_page()
+    page.add_init_script(WATCH_REPLIES)
+    return page
 
 
 def send(page, text: str) -> dict:
