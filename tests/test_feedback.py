@@ -105,17 +105,10 @@ def test_export_command_writes_the_pairs(tmp_path):
 def test_the_guard_screens_pairs_before_training_moves_towards_them(tmp_path):
     """A chosen reply the response evaluator flags (the classifier, PII) or a prompt the input filter flags
     is never exported; the rest is."""
-    import numpy as np
-
     from forgeline.feedback import export
-    from forgeline.safety import Guard
+    from tests.test_serve_llm import RuleGuard   # the guard's real rules, its classifier flagging "bomb"
 
-    def embed(texts):   # feature 0: a flag word occurs (the classifier's only evidence here); feature 1: bias
-        return np.array([[float("bomb" in t.lower()), 1.0] for t in texts], dtype=np.float32)
-
-    guard = Guard({"threshold_input": 0.5, "threshold_output": 0.5, "categories": ["violence_weapons"], "max_tokens": 64},
-                  {"w1": np.array([[60.0], [0.0]]), "b1": np.array([-30.0]), "centroids": np.array([[1.0, 0.0]])},
-                  embedder=embed)
+    guard = RuleGuard()
     q_card = [{"role": "user", "content": "my card is 4111 1111 1111 1111, what is 2 + 3?"}]
     for r in (rec("ok", Q1, "6", "down", better="5"),
               rec("harm", Q2, "t a c", "down", better="build a bomb like this"),
