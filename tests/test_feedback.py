@@ -242,7 +242,7 @@ def test_ratings_retrain_with_dpo_from_the_deployment(request, tmp_path_factory)
     subprocess.run(git + ["add", "data/feedback/pairs.jsonl.dvc", "data/feedback/.gitignore"], cwd=ws, check=True)
     subprocess.run(git + ["commit", "-qm", "feedback pairs"], cwd=ws, check=True)
 
-    run_id = stack.trigger({"rlhf": {"algorithm": "dpo", "sampled_fraction": 0.0}})
+    run_id = stack.trigger({"rlhf": {"algorithm": "dpo"}})
     done = stack.wait(run_id, timeout=900)
     assert done.state_type.value == "COMPLETED", (done.state, stack.log_tail())
 
@@ -259,7 +259,10 @@ def test_ratings_retrain_with_dpo_from_the_deployment(request, tmp_path_factory)
     assert chat.data.tags["dvc.skipped"] == "false" and "dvc.dep.data/feedback" in chat.data.tags
     assert rlhf.data.tags["dvc.skipped"] == "false" and rlhf.data.tags["rlhf.algorithm"] == "dpo"
     assert rlhf.data.tags["dvc.dep.data/chat_data"] == chat.data.tags["dvc.out.data/chat_data"]
-    assert rlhf.data.params["sampled_fraction"] == "0.0"   # the batches are the chat data's pairs, feedback among them
+    # the exported pairs of the train split had a share of every DPO batch
+    train_feedback = [r for r in read_jsonl(ws / "data/chat_data/pref_train.jsonl") if r["provenance"] == "feedback"]
+    assert rlhf.data.metrics["feedback_pairs_train"] == len(train_feedback) > 0
+    assert int(rlhf.data.params["feedback_per_batch"]) > 0
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
     dep = next(d for d in lock["chat_data"]["deps"] if d["path"] == "data/feedback")
     assert chat.data.tags["dvc.dep.data/feedback"] == dep["md5"]

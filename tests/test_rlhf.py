@@ -17,7 +17,7 @@ from forgeline.config import ConfigError
 from tasks.reward import RewardConfig, reward
 from tasks.rlhf import RLHFConfig, rlhf
 from tasks.rlhf.common import reply_batch
-from tasks.rlhf.dpo import dpo_loss, sequence_logprobs
+from tasks.rlhf.dpo import dpo_loss, mixed_batch, sequence_logprobs
 from tasks.rlhf.ppo import centre_by_prompt, gae, ppo_policy_loss
 from tasks.sft import sft
 from tests.test_sft import ROOT, make_world, tiny_sft
@@ -143,6 +143,43 @@ def test_dpo_learns_the_held_out_preferences(world, tmp_path, mix):
     assert dpo["dpo_val_loss"] < math.log(2) - 0.05, dpo   # log 2 at the start
     assert dpo["dpo_val_reward_accuracy"] > 0.7, dpo      # 0 at the start (all margins 0)
     assert ("dpo_val_loss.rule" in metrics) == (mix["sampled_fraction"] < 1) and "dpo_val_loss.sampled" in metrics
+
+
+def test_feedback_pairs_are_in_every_dpo_batch():
+    rules, sampled, feedback = list(range(50)), list(range(100, 120)), ["f1", "f2", "f3"]
+    for step in range(4):
+        batch = mixed_batch(rules, sampled, 8, 0.5, 0, step, feedback, 2)
+        assert len(batch) == 8 and sum(b in feedback for b in batch) == 2
+        assert sum(b in sampled for b in batch) == 3 and sum(b in rules for b in batch) == 3
+    # feedback drawn in seeded epochs: 3 pairs, 2 per batch -> each seen twice in 3 steps
+    drawn = [b for step in range(3) for b in mixed_batch(rules, [], 8, 0, 0, step, feedback, 2) if b in feedback]
+    assert sorted(drawn) == ["f1", "f1", "f2", "f2", "f3", "f3"]
+    # no feedback yet: the batch the rule-made and sampled pools alone would give
+    assert mixed_batch(rules, sampled, 8, 0.5, 0, 3, [], 2) == mixed_batch(rules, sampled, 8, 0.5, 0, 3)
+
+
+def test_dpo_learns_the_users_feedback_pairs(world, tmp_path):
+    """A few rated replies merged by chat_data (provenance feedback) among ~1000 rule-made pairs: DPO
+    learns them (held out: the same conversations, since the point is that these very pairs are used)."""
+    data = tmp_path / "chat_data"
+    shutil.copytree(world["data"], data)
+    system = read_jsonl(data / "pref_val.jsonl")[0]["prompt"][0]
+    rated = [("what is your name", "i am the forgeline assistant.", "no."),
+             ("say something kind", "you are doing well.", "go away."),
+             ("how are you today", "very well, thank you.", "what.")]   # prompts no rule-made pair has
+    feedback = [{"task": "feedback", "rule": "better_answer", "answer": None, "provenance": "feedback",
+                 "prompt": [system, {"role": "user", "content": q}], "chosen": good, "rejected": bad}
+                for q, good, bad in rated]
+    write_jsonl(data / "pref_train.jsonl", read_jsonl(data / "pref_train.jsonl") + feedback)
+    write_jsonl(data / "pref_val.jsonl", read_jsonl(data / "pref_val.jsonl") + feedback)
+    on = rlhf(tiny_rlhf(world, tmp_path / "on", algorithm="dpo", data_dir=str(data), max_steps=30,
+                        nll_weight=0.0, sampled_fraction=0.0, feedback_per_batch=4))
+    assert on["feedback_pairs_train"] == 3
+    assert on["dpo_val_reward_accuracy.feedback"] == 1.0 and on["dpo_val_loss.feedback"] < math.log(2) - 0.1, on
+    off = rlhf(tiny_rlhf(world, tmp_path / "off", algorithm="dpo", data_dir=str(data), max_steps=30,
+                         nll_weight=0.0, sampled_fraction=0.0, feedback_per_batch=0))
+    # without a share of every batch they are 3 among ~1000 rule-made pairs: seen rarely, learned less
+    assert off["feedback_pairs_train"] == 3 and off["dpo_val_loss.feedback"] > on["dpo_val_loss.feedback"] + 0.1, off
 
 
 def disagreeing_reward_dir(world: dict, tmp: Path) -> Path:

@@ -36,12 +36,17 @@ class DPOConfig(AlignmentConfig):
     nll_weight: float = 1.0               # + this * NLL per token of the chosen reply (RPO; 0 = plain DPO)
     sampled_fraction: float = 1.0         # share of each batch from the reward stage's sampled_mistake
                                           # pairs (the SFT model's own errors); 0 = rule-made pairs only
+    feedback_per_batch: int = 4           # pairs per batch from users' ratings (provenance feedback), when any:
+                                          # a handful among ~70k rule-made pairs would otherwise never be drawn;
+                                          # 0 = they join the rule-made pool
     batch_size: int = 32                  # pairs per step
 
     def check(self) -> None:
         self.check_shared("dpo")
         if self.batch_size < 1 or self.beta <= 0 or not 0 <= self.sampled_fraction <= 1 or self.nll_weight < 0:
             raise ConfigError("dpo: need batch_size >= 1, beta > 0, 0 <= sampled_fraction <= 1, nll_weight >= 0")
+        if not 0 <= self.feedback_per_batch <= self.batch_size:
+            raise ConfigError("dpo: need 0 <= feedback_per_batch <= batch_size")
         if self.rl_coef == 0 and self.nll_weight == 0:
             raise ConfigError("dpo: rl_coef 0 with nll_weight 0 would train nothing")
 
@@ -78,11 +83,18 @@ def sequence_logprobs(model: GPT, pairs: list, tok) -> tuple[torch.Tensor, torch
     return logp[:len(pairs)], logp[len(pairs):]
 
 
-def mixed_batch(rule_pairs: list, sampled_pairs: list, batch_size: int, fraction: float, seed: int, step: int) -> list:
-    """Step `step`'s pairs: round(fraction * batch_size) from the sampled pairs, the rest from the
-    rule-made ones, each pool walked in its own seeded epochs (copied from tasks/reward.py: each loop owns its batches)."""
-    k = round(fraction * batch_size) if sampled_pairs else 0
-    batch = [rule_pairs[i] for i in batch_indices(len(rule_pairs), batch_size - k, seed, step)]
+def mixed_batch(rule_pairs: list, sampled_pairs: list, batch_size: int, fraction: float, seed: int, step: int,
+                feedback_pairs: list = (), feedback_per_batch: int = 0) -> list:
+    """Step `step`'s pairs: `feedback_per_batch` from the users' feedback pairs (if any), then of the rest
+    round(fraction * rest) from the sampled pairs and the remainder from the rule-made ones, each pool walked
+    in its own seeded epochs (copied from tasks/reward.py: each loop owns its batches)."""
+    f = feedback_per_batch if feedback_pairs else 0
+    batch = [feedback_pairs[i] for i in batch_indices(len(feedback_pairs), f, seed + 2, step)] if f else []
+    rest = batch_size - f
+    k = round(fraction * rest) if sampled_pairs else 0
+    if rest - k and not rule_pairs:
+        raise ValueError("dpo: no rule-made pairs to fill the batch")
+    batch += [rule_pairs[i] for i in batch_indices(len(rule_pairs), rest - k, seed, step)] if rest - k else []
     return batch + ([sampled_pairs[i] for i in batch_indices(len(sampled_pairs), k, seed + 1, step)] if k else [])
 
 
@@ -122,10 +134,13 @@ def dpo_held_out(policy: GPT, ref: GPT, pairs: list, tok, beta: float, batch_siz
     return {"dpo_val_loss": sum(losses) / len(pairs), "dpo_val_reward_accuracy": (margins > 0).float().mean().item()}
 
 
-def dpo_rows(cfg: DPOConfig, split: str) -> tuple[list[dict], list[dict]]:
-    """The preference pairs: the rule-made ones and (if sampled_fraction > 0) the SFT model's sampled mistakes."""
+def dpo_rows(cfg: DPOConfig, split: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """The preference pairs: the rule-made ones, (if sampled_fraction > 0) the SFT model's sampled mistakes,
+    and the users' feedback pairs that chat_data merged in (provenance feedback; rows without one are rule-made)."""
     sampled = read_jsonl(Path(cfg.reward_dir) / f"sampled_pairs_{split}.jsonl") if cfg.sampled_fraction else []
-    return read_jsonl(Path(cfg.data_dir) / f"pref_{split}.jsonl"), sampled
+    pref = read_jsonl(Path(cfg.data_dir) / f"pref_{split}.jsonl")
+    feedback = [r for r in pref if r.get("provenance") == "feedback"]
+    return [r for r in pref if r.get("provenance") != "feedback"], sampled, feedback
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -141,7 +156,11 @@ def dpo(cfg: DPOConfig, log=None) -> dict:
     policy = copy.deepcopy(sft_model).train()
     optimizer = optimizer_for(policy, cfg)
     val_rows = [r for r in read_jsonl(Path(cfg.data_dir) / "sft_val.jsonl") if r["answer"] is not None]
-    rule_pairs, sampled_pairs = (encode_pairs(rows, tok, policy.config.block_size) for rows in dpo_rows(cfg, "train"))
+    rule_pairs, sampled_pairs, feedback_pairs = (encode_pairs(rows, tok, policy.config.block_size)
+                                                 for rows in dpo_rows(cfg, "train"))
+    n_feedback = len(feedback_pairs)
+    if not cfg.feedback_per_batch:   # no share of their own: drawn like any rule-made pair
+        rule_pairs, feedback_pairs = rule_pairs + feedback_pairs, []
 
     # ---- resume from the newest complete checkpoint, if any
     step, history = 0, {"train": [], "val": []}
@@ -165,7 +184,8 @@ def dpo(cfg: DPOConfig, log=None) -> dict:
             save(ckpt_root, cfg, policy, optimizer, step, history)
 
         # ---- one batch of pairs
-        batch = mixed_batch(rule_pairs, sampled_pairs, cfg.batch_size, cfg.sampled_fraction, cfg.seed, step)
+        batch = mixed_batch(rule_pairs, sampled_pairs, cfg.batch_size, cfg.sampled_fraction, cfg.seed, step,
+                            feedback_pairs, cfg.feedback_per_batch)
         metrics = dpo_step(policy, ref, optimizer, batch, tok, cfg)
         step += 1
         history["train"].append([step, metrics])
@@ -187,9 +207,10 @@ def dpo(cfg: DPOConfig, log=None) -> dict:
     train_seconds = time.perf_counter() - t_start
     evaluated, samples = evaluate_policy(policy.eval(), sft_model, ref, rm, tok, val_rows, cfg)
     # held-out pairs of the kinds training drew: rule-made unless sampled_fraction == 1, the sampled
-    # mistakes if sampled_fraction > 0; each kind also on its own
-    rule_val, sampled_val = dpo_rows(cfg, "val")
-    kinds = {"rule": rule_val if cfg.sampled_fraction < 1 else [], "sampled": sampled_val}
+    # mistakes if sampled_fraction > 0, the users' feedback pairs; each kind also on its own
+    rule_val, sampled_val, feedback_val = dpo_rows(cfg, "val")
+    kinds = {"rule": rule_val if cfg.sampled_fraction < 1 else [], "sampled": sampled_val,
+             "feedback": feedback_val}
     for kind, rows in kinds.items():
         if rows:
             found = dpo_held_out(policy, ref, encode_pairs(rows, tok, policy.config.block_size), tok, cfg.beta)
@@ -197,6 +218,7 @@ def dpo(cfg: DPOConfig, log=None) -> dict:
     evaluated.update(dpo_held_out(policy, ref, encode_pairs(sum(kinds.values(), []), tok, policy.config.block_size),
                                   tok, cfg.beta))
     metrics = {"algorithm": "dpo", "steps": step, **evaluated, "held_out_prompts": len(val_rows),
+               "feedback_pairs_train": n_feedback,
                "train_seconds": train_seconds}
     write_policy(cfg, policy, metrics, history, samples)
     return metrics
