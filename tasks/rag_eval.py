@@ -56,6 +56,8 @@ class RagEvalConfig(QueryConfig):
         bad = [e for e in self.expansions if e not in ("none", "multi_query", "prf")]
         if bad:
             raise ConfigError(f"rag_eval: expansions {bad}: none, multi_query or prf")
+        if self.expansion not in self.expansions:
+            raise ConfigError(f"rag_eval: the served expansion {self.expansion!r} must be among expansions {self.expansions}")
         if self.depth < 10:
             raise ConfigError("rag_eval: depth must be >= 10 (nDCG@10, hit@10)")
 
