@@ -30,6 +30,7 @@ ALLOWED = {
     # data/raw/ from ../shared/data, with the provenance in data/README.md
     "scripts/make_sample.py",
     "scripts/make_rag_sample.py",  # the same for the RAG pipeline's data/rag_raw/
+    "scripts/make_compose_data.py",  # the same for the compose pipeline's data/compose_raw/
     "tests/test_repo_rules.py",  # this file: it holds the patterns
 }
 
