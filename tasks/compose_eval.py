@@ -212,8 +212,6 @@ def plot_curve(points: list[dict], threshold: float, path: Path) -> None:
 
 
 def compose_eval(cfg: ComposeEvalConfig) -> dict:
-    from tokenizers import Tokenizer
-
     from forgeline.checkpoint import load_model_folder
 
     torch.manual_seed(cfg.seed)
