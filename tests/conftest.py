@@ -20,6 +20,9 @@ ALIGNMENT_FAST = {
                "log_interval": 2},
     "rlhf": {"max_steps": 2, "rollout_batch": 8, "minibatch_size": 8, "ppo_epochs": 1, "eval_interval": 1,
              "ckpt_interval": 1, "log_interval": 1, "eval_samples": 1},
+    # the guard on a sample of its sources; the gate on a few prompts (a 4-step model fails it: that is fine)
+    "safety": {"max_per_source": 80, "max_chatterbot": 150, "steps": 100},
+    "deploy": {"safety_prompts": 40, "latency_prompts": 8, "warmup_prompts": 1, "serve_max_tokens": 16},
 }
 
 

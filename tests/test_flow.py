@@ -19,7 +19,8 @@ from tests.conftest import ALIGNMENT_FAST, cli_overrides, commit_settings, run_i
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["ingest", "validate", "chunk", "tokenizer", "pretrain", "evaluate", "chat_data", "sft", "reward", "rlhf"]
+STAGES = ["ingest", "validate", "chunk", "tokenizer", "pretrain", "evaluate", "chat_data", "sft", "reward", "rlhf",
+          "safety", "deploy"]
 # keep the pretraining in the smoke test short; the demo trains the full tiny preset
 FAST = ["pretrain.max_steps=12", "pretrain.eval_interval=6", "pretrain.ckpt_interval=6",
         "pretrain.log_interval=6", "pretrain.batch_size=8", "evaluate.max_eval_tokens=20000",
