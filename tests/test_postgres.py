@@ -93,7 +93,10 @@ def test_prefect_and_mlflow_on_postgres_with_artifacts_on_s3(pg_stack, postgres,
     # Prefect's deployment lives in PostgreSQL
     rows = subprocess.run(postgres["psql"] + ["-d", "prefect", "-c", "SELECT name FROM deployment"],
                           capture_output=True, text=True, check=True).stdout.split()
-    assert rows == ["nightly"]
+    import yaml
+
+    local = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    assert sorted(rows) == sorted(d["name"] for d in local)   # one `nightly` per pipeline
     # MLflow: runs and registered models in PostgreSQL, artifacts proxied by the server into S3
     import mlflow
 
@@ -150,17 +153,30 @@ def test_scale_out_files_are_consistent():
 
     import yaml
 
-    from flows.llm import LLMParams
+    import importlib
+    import typing
+
+    from forgeline.pipelines import pipelines
 
     local = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
     k8s = yaml.safe_load((ROOT / "deploy/k8s/prefect.yaml").read_text())["deployments"]
-    assert {d["entrypoint"] for d in k8s} == {d["entrypoint"] for d in local} == {"flows/llm.py:llm"}
-    for d in local + k8s:  # the deployments' parameters are valid flow parameters
-        params = LLMParams.model_validate(d["parameters"]["params"])
-        launch = params.pretrain.launch or "cpu"
-        assert (ROOT / "configs" / "accelerate" / f"{launch}.yaml").exists(), launch
+    # one local deployment per pipeline; the GPU deployment is the LLM flow's
+    assert sorted(d["entrypoint"] for d in local) == sorted(f"flows/{p}.py:{p}" for p in pipelines())
+    assert {d["entrypoint"] for d in k8s} == {"flows/llm.py:llm"}
+    for d in local + k8s:  # the deployments' parameters are valid parameters of their flow
+        path, name = d["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        params_cls = typing.get_type_hints(flow.fn)["params"]
+        params = params_cls.model_validate(d["parameters"]["params"])
+        if hasattr(params, "pretrain"):
+            launch = params.pretrain.launch or "cpu"
+            assert (ROOT / "configs" / "accelerate" / f"{launch}.yaml").exists(), launch
         assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
-        assert [s["cron"] for s in d["schedules"]] == ["0 2 * * *"]
+        assert len(d["schedules"]) == 1
+    # one nightly slot per pipeline (they share the workspace's one run at a time); the GPU LLM as the local one
+    crons = {d["entrypoint"]: d["schedules"][0]["cron"] for d in local}
+    assert len(set(crons.values())) == len(local)
+    assert all(d["schedules"][0]["cron"] == crons[d["entrypoint"]] for d in k8s)
     for name in ("deploy/k8s/base-job-template.json", "deploy/compose/docker-job-template.json"):
         template = json.loads((ROOT / name).read_text())
         used = set(re.findall(r"{{ (\w+) }}", json.dumps(template["job_configuration"])))
