@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# wordnet-base: METEOR offline; chromium: the UI test; postgresql: the scale-out test
-apt_pkgs=(tesseract-ocr tesseract-ocr-eng wordnet-base chromium postgresql)
+# wordnet-base: METEOR offline; chromium: the UI test; postgresql: the scale-out test;
+# dataset-fashion-mnist: the captioning pipeline's real images (read in place by tasks/img_data.py)
+apt_pkgs=(tesseract-ocr tesseract-ocr-eng wordnet-base chromium postgresql dataset-fashion-mnist)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
