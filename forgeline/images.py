@@ -66,7 +66,7 @@ def load_images(files: list[str], indices: list[int], data_dir: str | Path) -> n
 def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     """uint8 (N, H, W) or (N, H, W, C) -> float (N, 3, size, size) in [-1, 1]: grey repeated to RGB,
     resized (bilinear, antialiased) when H or W differs from size."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    x = torch.from_numpy(images.astype(np.float32))  # a copy: uploads arrive read-only
     if x.ndim == 3:
         x = x[..., None]
     x = x.permute(0, 3, 1, 2)

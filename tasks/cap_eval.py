@@ -64,6 +64,14 @@ def load_folder(path: str | Path) -> tuple[CaptionModel, list[str]]:
     return model.eval(), json.loads((path / "vocab.json").read_text())
 
 
+def variants(model_dir: str | Path) -> list[str]:
+    """The variant folders cap_train wrote under model_dir, in the table's order (cnn, then vit-*)."""
+    found = [p.parent.name for p in Path(model_dir).glob("*/model.safetensors")]
+    if not found:
+        raise FileNotFoundError(f"{model_dir}: no variant folder with a model.safetensors; run cap_train")
+    return sorted(found, key=lambda v: (v != "cnn", v))
+
+
 def held_out_pairs(objects: list[dict], held: set[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(o["shape"], o["colour"]) for o in objects if (o["shape"], o["colour"]) in held]
 
@@ -82,7 +90,6 @@ def score(hyps: list[str], refs: list[list[str]], objects: list[list[dict]], hel
 def cap_eval(cfg: CapEvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     manifest = pd.read_parquet(cfg.manifest)
-    summary_train = json.loads((Path(cfg.model_dir) / "summary.json").read_text())
     held = {tuple(p.split(":")) for p in json.loads((Path(cfg.manifest).parent / "summary.json").read_text())["held_out_pairs"]}
     data = {}
     for split in cfg.splits:
@@ -90,7 +97,7 @@ def cap_eval(cfg: CapEvalConfig) -> dict:
         part = part.sample(min(cfg.max_images, len(part)), random_state=cfg.seed).sort_values("index")
         data[split] = part
     result, rows = {}, []
-    for variant in summary_train["variants"]:
+    for variant in variants(cfg.model_dir):
         model, words = load_folder(Path(cfg.model_dir) / variant)
         size = model.config.image_size
         result[variant] = {}

@@ -10,7 +10,7 @@ this very manifest.
 
 One linear loop per variant (tasks/mt_train.py's shape) with full-state checkpoints under
 checkpoints/cap_train/<key>/<variant>/ and resume. Writes data/cap_train/<variant>/ (config.json,
-model.safetensors, vocab.json, history.json) and summary.json.
+model.safetensors, vocab.json, history.json, summary.json); cap_eval evaluates every variant folder.
 
     python -m tasks.cap_train [key=value ...]
 """
@@ -48,24 +48,24 @@ class CapTrainConfig:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     image_size: int = 64                 # 64, or 32 for the scenes32 variant
     patch_size: int = 8
-    cnn_width: int = 32
-    d_model: int = 128
+    cnn_width: int = 16
+    d_model: int = 96
     n_heads: int = 4
     n_enc_layers: int = 2
     n_dec_layers: int = 2
-    d_ff: int = 256
+    d_ff: int = 192
     max_len: int = 32
     dropout: float = 0.1
     label_smoothing: float = 0.1
-    batch_size: int = 64
-    max_steps: int = 1200
+    batch_size: int = 48
+    max_steps: int = 800
     lr: float = 1e-3
     min_lr: float = 5e-5
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     eval_batches: int = 4
-    ckpt_interval: int = 400
+    ckpt_interval: int = 200
     keep_checkpoints: int = 2
     log_interval: int = 100
     seed: int = 1337
@@ -194,8 +194,10 @@ def train_variant(cfg: CapTrainConfig, variant: str, words: list[str], data: dic
     (out / "config.json").write_text(json.dumps(asdict(model_cfg), indent=2))
     (out / "vocab.json").write_text(json.dumps(words))
     (out / "history.json").write_text(json.dumps(history))
-    return {"steps": step, "val_loss": history["val"][-1][1], "params": model.num_params(),
-            "train_seconds": time.perf_counter() - t_start}
+    summary = {"steps": step, "val_loss": history["val"][-1][1], "params": model.num_params(),
+               "train_seconds": time.perf_counter() - t_start, "resumed_at": resumed_at}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def cap_train(cfg: CapTrainConfig, log=None) -> dict:
@@ -210,7 +212,6 @@ def cap_train(cfg: CapTrainConfig, log=None) -> dict:
                "image_size": cfg.image_size}
     for variant in cfg.variants:
         summary["variants"][variant] = train_variant(cfg, variant, words, data, log)
-    Path(cfg.out_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -227,7 +228,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"cap_train: REFUSED\n{e}", file=sys.stderr)
             sys.exit(1)
         mlflow.log_metrics({f"{v}.{k}": float(x) for v, r in summary["variants"].items() for k, x in r.items()})
-        mlflow.log_artifact(str(Path(cfg.out_dir) / "summary.json"))
     print(json.dumps(summary))
 
 
