@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from serve import compose, page, rag, translate
+from serve import caption, compose, page, rag, translate
 from serve.llm import api as llm_api
 
 # (pipeline, its router): e.g. ("rag", serve.rag.router) once the RAG pipeline serves queries
@@ -21,6 +21,7 @@ ROUTERS.append(("llm", llm_api.router))   # OpenAI-compatible /v1/chat/completio
 ROUTERS.append(("compose", compose.router))   # Smart Compose: POST /v1/compose, one request per keystroke
 ROUTERS.append(("translate", translate.router))   # POST /v1/translate: en->fr, en->es, beam search, per-sentence confidence
 ROUTERS.append(("rag", rag.router))   # ChatPDF: POST /v1/rag/query, POST|GET /v1/rag/documents, DELETE /v1/rag/documents/{id}
+ROUTERS.append(("caption", caption.router))   # POST /v1/caption: an uploaded image -> a beam-search caption, word-filtered
 
 
 def create_app(routers: list[tuple[str, APIRouter]] | None = None) -> FastAPI:
