@@ -9,7 +9,8 @@ an asyncio httpx client measures
      check), not streamed: latency p50/p95;
   3. load: 1, 4 and 16 concurrent clients, each sending a fixed number of non-streamed requests (bounded work,
      a 60 s client timeout so nothing hangs): throughput, latency p50/p95/p99 of the answered ones, answers by
-     HTTP status (200, 429, 503, timeouts), and the server's RSS before and after.
+     HTTP status (200, 429, 503, timeouts), and the server's RSS before and after; then the 16-client phase
+     repeated (--soak-rounds) with the RSS after each round: a plateau, or growth round after round.
 The reference, measured in the same run and process tree: the same model called directly through
 models/sampling.py (no HTTP, no guards, no template work) for the first token and for 64 tokens at batch 1,
 and for 4 candidates of 64 tokens; the table gives served / direct ratios. Targets: TTFT p95 <= 300 ms,
@@ -160,7 +161,7 @@ async def load_phase(url: str, clients: int, per_client: int) -> dict:
             "latency_s_p50": pct(lat, 50), "latency_s_p95": pct(lat, 95), "latency_s_p99": pct(lat, 99), "codes": codes}
 
 
-async def measure(url: str, pid: int, requests: int, per_client: int) -> dict:
+async def measure(url: str, pid: int, requests: int, per_client: int, soak_rounds: int) -> dict:
     proc = psutil.Process(pid)
     out: dict = {"rss_mb_start": proc.memory_info().rss / 2**20}
     async with httpx.AsyncClient(timeout=60) as client:
@@ -186,6 +187,13 @@ async def measure(url: str, pid: int, requests: int, per_client: int) -> dict:
     for clients in (1, 4, 16):
         out["load"].append(await load_phase(url, clients, per_client))
         out["load"][-1]["rss_mb_after"] = proc.memory_info().rss / 2**20
+    # soak: the overload phase again and again; RSS after each round tells a plateau (allocator pools, caches
+    # filled once) from a leak (growth every round)
+    out["soak"] = []
+    for r in range(soak_rounds):
+        ph = await load_phase(url, 16, per_client)
+        out["soak"].append({"round": r + 1, "answered": ph["answered"], "codes": ph["codes"],
+                            "rss_mb_after": proc.memory_info().rss / 2**20})
     out["rss_mb_end"] = proc.memory_info().rss / 2**20
     return out
 
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--guard", default=None, help="the safety stage's guard folder (default: a same-cost stand-in)")
     ap.add_argument("--requests", type=int, default=30, help="streamed and best-of-4 requests each")
     ap.add_argument("--per-client", type=int, default=6, help="requests per client in each load phase")
+    ap.add_argument("--soak-rounds", type=int, default=8, help="repeats of the 16-client phase after the load table, RSS after each")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (OMP_NUM_THREADS)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.3)
-            served = asyncio.run(measure(url, server.pid, args.requests, args.per_client))
+            served = asyncio.run(measure(url, server.pid, args.requests, args.per_client, args.soak_rounds))
             alive = httpx.get(f"{url}/health", timeout=10).status_code == 200
         finally:
             os.kill(server.pid, signal.SIGTERM)
@@ -238,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                          "best_of_4_p50_vs_direct": b["latency_s_p50"] / direct["best_of_4_s_p50"]},
               "targets": {"ttft_p95_s": TTFT_TARGET_S, "ttft_met": s["ttft_s_p95"] <= TTFT_TARGET_S,
                           "best_of_4_p95_s": BEST_OF_TARGET_S, "best_of_4_met": b["latency_s_p95"] <= BEST_OF_TARGET_S,
-                          "overload_only_429_503": all(set(p["codes"]) <= {"200", "429", "503"} for p in served["load"])}}
+                          "overload_only_429_503": all(set(p["codes"]) <= {"200", "429", "503"}
+                                                          for p in served["load"] + served["soak"])}}
     print("| measure | served (HTTP, guards on) | direct (models/sampling.py) | ratio | target |\n|---|---|---|---|---|")
     print(f"| TTFT p50 / p95, streaming, batch 1 | {s['ttft_s_p50']*1000:.0f} / {s['ttft_s_p95']*1000:.0f} ms | "
           f"{direct['first_token_s_p50']*1000:.1f} ms (first token), {direct['first_8_tokens_s_p50']*1000:.1f} ms (first 8, "
@@ -257,6 +267,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {p['clients']} | {p['requests']} | {p['answered']} | {p['throughput_rps']:.2f} | "
               f"{p['completion_tokens_per_s']:.0f} | {fmt(p['latency_s_p50'])} / {fmt(p['latency_s_p95'])} / "
               f"{fmt(p['latency_s_p99'])} s | {p['codes']} | {p['rss_mb_after']:.0f} MB |")
+    if served["soak"]:
+        print("soak (16 clients, again): RSS after each round " +
+              ", ".join(f"{r['rss_mb_after']:.0f}" for r in served["soak"]) + " MB; answers " +
+              ", ".join(str(r["codes"]) for r in served["soak"]))
     print(f"\nserver RSS {served['rss_mb_start']:.0f} MB at start, {served['rss_mb_before_load']:.0f} before the load, "
           f"{served['rss_mb_end']:.0f} at the end; up after the load: {alive}")
     print(f"wrote {write_result('serve', result, started)}")

@@ -20,7 +20,9 @@ has a near twin in training; a group touching a held-out source goes to test.
 Model: logistic regression (`hidden: 0`) or a one-hidden-layer MLP on the 384-d MiniLM embeddings,
 class-balanced, looks-risky prompts weighted `looks_risky_weight`. Thresholds, one for requests and
 one for replies, are chosen on val: the lowest (most recall) that keeps the false-flag rate on
-benign val texts, and over-refusal on looks-risky val requests, within `max_false_flag_rate`.
+benign val texts, and over-refusal on looks-risky val requests, within `max_false_flag_rate`
+(requests) and `max_false_flag_rate_output` (replies). A benign request is refused when either
+check flags it, so the two budgets add up in what users see (the deploy gate's benign answer rate).
 
 Writes out_dir/guard/ (Guard.load reads it: guard.json + classifier.safetensors), heldout.jsonl
 (the test split: text, label, kind = harmful | toxic | benign | looks_risky, role = prompt | response,
@@ -73,7 +75,8 @@ class SafetyConfig:
     lr: float = 0.02
     weight_decay: float = 1e-4
     looks_risky_weight: float = 3.0               # these few prompts carry the over-refusal signal
-    max_false_flag_rate: float = 0.05             # on val: benign and looks-risky texts flagged at most this often
+    max_false_flag_rate: float = 0.05             # on val: benign and looks-risky requests flagged at most this often
+    max_false_flag_rate_output: float = 0.03      # the same for replies: a benign request meets both checks in turn
     seed: int = 0
     embed_cache: str = "checkpoints/safety/embeddings.npz"  # "" = none; keyed by text and max_tokens
 
@@ -82,8 +85,9 @@ class SafetyConfig:
             raise ConfigError("safety: need 0 < val_fraction, test_fraction and their sum < 1")
         if not 0 < self.dup_cosine <= 1:
             raise ConfigError(f"safety: dup_cosine must be in (0, 1], got {self.dup_cosine}")
-        if not 0 <= self.max_false_flag_rate < 1:
-            raise ConfigError(f"safety: max_false_flag_rate must be in [0, 1), got {self.max_false_flag_rate}")
+        for k in ("max_false_flag_rate", "max_false_flag_rate_output"):
+            if not 0 <= getattr(self, k) < 1:
+                raise ConfigError(f"safety: {k} must be in [0, 1), got {getattr(self, k)}")
         if self.hidden < 0 or self.steps < 1 or self.max_tokens < 8:
             raise ConfigError("safety: need hidden >= 0, steps >= 1, max_tokens >= 8")
 
@@ -322,7 +326,8 @@ def safety(cfg: SafetyConfig, embedder: Embedder | None = None) -> dict:
     thresholds, reasons = {}, {}
     for role in ("prompt", "response"):
         sel = [i for i in idx["val"] if rows[i]["role"] == role]
-        thresholds[role], reasons[role] = pick_threshold(probs[sel], [rows[i] for i in sel], cfg.max_false_flag_rate)
+        budget = cfg.max_false_flag_rate if role == "prompt" else cfg.max_false_flag_rate_output
+        thresholds[role], reasons[role] = pick_threshold(probs[sel], [rows[i] for i in sel], budget)
     settings = {"embedder": {"package": EMBEDDER_PACKAGE, "max_tokens": cfg.max_tokens, "int8": cfg.int8,
                              "dim": int(x.shape[1])},
                 "max_tokens": cfg.max_tokens, "classifier": "logistic_regression" if cfg.hidden == 0 else f"mlp_{cfg.hidden}",
