@@ -15,6 +15,9 @@ answers cited by [document, page], and the faithfulness check (book chapter 6).
   generated answer that repeats the system prompt is withheld (`leak_blocked`). The extractive
   answer only ever quotes document sentences ranked by similarity to the question, so no document
   text can change what it does.
+- **Citations** are per sentence: an extractive sentence cites the page it was quoted from; a generated
+  sentence cites the retrieved chunk that supports it (`cite_sentences`: the faithfulness match),
+  and an unsupported one gets no citation and stays flagged.
 - **Faithfulness** of an answer = supported sentences / sentences with content words, where a sentence
   is supported when at least `support_threshold` of its content words (stop words removed) occur in
   one retrieved chunk. Deterministic; 0.0 when there is no sentence to check (never NaN); every
@@ -121,8 +124,11 @@ class Corpus:
         docs: dict[str, dict] = {}
         for r in self.rows:
             if r["doc_id"] not in self.deleted:
-                d = docs.setdefault(r["doc_id"], {"doc_id": r["doc_id"], "source": r["source"], "chunks": 0})
+                d = docs.setdefault(r["doc_id"], {"doc_id": r["doc_id"], "source": r["source"], "chunks": 0,
+                                                  "pages": 0, "low_ocr_confidence": False})
                 d["chunks"] += 1
+                d["pages"] = max(d["pages"], int(r["page_end"]))
+                d["low_ocr_confidence"] = d["low_ocr_confidence"] or bool(r["low_ocr_confidence"])
         return docs
 
     def live(self, ids) -> list[int]:
@@ -209,21 +215,59 @@ def supported(sentence: str, texts: list[str], threshold: float) -> tuple[bool, 
     return best >= threshold, where, best
 
 
-def faithfulness(answer_text: str, texts: list[str], threshold: float) -> dict:
-    """{"score": supported / checked sentences (0.0 with none), "checked", "unsupported": [sentences]}."""
-    checked, good, bad = 0, 0, []
-    text = CITATION.sub("", answer_text)  # citations are not claims (and "p. 7" is no sentence end)
+def check_sentences(answer_text: str, texts: list[str], threshold: float) -> tuple[str, list[dict]]:
+    """(the answer without citations, its sentences: {start, end, sentence, supported, chunk, share}), `chunk`
+    the index of the text holding most of the sentence's content words. A sentence without content words is
+    not checked (supported None, chunk -1). Citations are not claims (and "p. 7" is no sentence end)."""
+    text = CITATION.sub("", answer_text)
+    out = []
     for s, e in sentences(text):
         sent = tidy(text[s:e])
-        if not content_words(sent):
-            continue
-        checked += 1
-        ok, _, share = supported(sent, texts, threshold)
-        if ok:
-            good += 1
+        if content_words(sent):
+            ok, where, share = supported(sent, texts, threshold)
+            out.append({"start": s, "end": e, "sentence": sent, "supported": ok, "chunk": where,
+                        "share": round(share, 3)})
         else:
-            bad.append({"sentence": sent, "best_share": round(share, 3)})
-    return {"score": good / checked if checked else 0.0, "checked": checked, "unsupported": bad}
+            out.append({"start": s, "end": e, "sentence": sent, "supported": None, "chunk": -1, "share": None})
+    return text, out
+
+
+def faithfulness(answer_text: str, texts: list[str], threshold: float) -> dict:
+    """{"score": supported / checked sentences (0.0 with none), "checked", "unsupported": [sentences]}."""
+    checked = [c for c in check_sentences(answer_text, texts, threshold)[1] if c["supported"] is not None]
+    bad = [{"sentence": c["sentence"], "best_share": c["share"]} for c in checked if not c["supported"]]
+    return {"score": (len(checked) - len(bad)) / len(checked) if checked else 0.0, "checked": len(checked),
+            "unsupported": bad}
+
+
+def best_offset(sentence: str, chunk: str) -> int:
+    """Where in `chunk` the sentence of it sharing most content words with `sentence` starts (for its page)."""
+    want, best, where = set(content_words(sentence)), -1, 0
+    for s, e in sentences(chunk):
+        n = len(want & set(content_words(chunk[s:e])))
+        if n > best:
+            best, where = n, s
+    return where
+
+
+def cite_sentences(answer_text: str, hits: list[dict], threshold: float) -> dict:
+    """A written answer cited sentence by sentence: each supported sentence gets [document, page] of the
+    retrieved chunk holding most of its content words (the faithfulness check's match; the page is that
+    of the chunk's best-matching sentence, as a chunk may cross a page break); an unsupported one gets no
+    citation. Citations the model wrote itself are dropped: only checked ones are shown.
+    -> {"text": the answer with citations after their sentences, "sentences": [{sentence, citation|None,
+    supported (None: not checked), share, rank, low_ocr_confidence}]}"""
+    text, checks = check_sentences(answer_text, [h["text"] for h in hits], threshold)
+    parts, p, out = [], 0, []
+    for c in checks:
+        hit = hits[c["chunk"]] if c["supported"] and c["chunk"] >= 0 else None
+        citation = cite(hit, best_offset(c["sentence"], hit["text"])) if hit else None
+        parts.append(text[p:c["end"]] + (f" {citation_text(citation)}" if citation else ""))
+        p = c["end"]
+        out.append({"sentence": c["sentence"], "citation": citation, "supported": c["supported"], "share": c["share"],
+                    "rank": hit["rank"] if hit else None,
+                    "low_ocr_confidence": bool(hit["low_ocr_confidence"]) if hit else False})
+    return {"text": ("".join(parts) + text[p:]).strip(), "sentences": out}
 
 
 def extractive_answer(question: str, qvec: np.ndarray, hits: list[dict], encoder, n: int) -> dict:
@@ -236,7 +280,7 @@ def extractive_answer(question: str, qvec: np.ndarray, hits: list[dict], encoder
             # a question (a FAQ heading) answers nothing; nor do a contents page's dot leaders
             if 4 <= len(sent.split()) <= 80 and not sent.endswith("?") and not INSTRUCTION_LIKE.search(sent) \
                     and not LEADERS.search(sent):
-                cands.append((sent, cite(h, s)))
+                cands.append((sent, cite(h, s), h))
     if not cands:
         return {"text": "", "sentences": []}
     sims = encoder.encode([c[0] for c in cands]) @ qvec
@@ -248,7 +292,9 @@ def extractive_answer(question: str, qvec: np.ndarray, hits: list[dict], encoder
     for i in order:
         if cands[i][0] not in seen:
             seen.add(cands[i][0])
-            picked.append({"sentence": cands[i][0], "citation": cands[i][1], "similarity": round(float(sims[i]), 4)})
+            sent, citation, h = cands[i]
+            picked.append({"sentence": sent, "citation": citation, "similarity": round(float(sims[i]), 4),
+                           "rank": h["rank"], "low_ocr_confidence": bool(h["low_ocr_confidence"])})
         if len(picked) == n:
             break
     return {"text": " ".join(f"{p['sentence']} {citation_text(p['citation'])}" for p in picked), "sentences": picked}
@@ -353,6 +399,8 @@ def answer(question: str, corpus: Corpus, cfg: QueryConfig, generator: Generator
     texts = [h["text"] for h in hits]
     extractive = extractive_answer(question, qvec, hits, corpus.encoder, cfg.extractive_sentences)
     extractive["faithfulness"] = faithfulness(extractive["text"], texts, cfg.support_threshold)
+    for s in extractive["sentences"]:  # quotations: supported unless the check disagrees
+        s["supported"] = supported(s["sentence"], texts, cfg.support_threshold)[0]
     result = {"question": question, "config": {"expansion": cfg.expansion, "hybrid": cfg.hybrid, "prompt": cfg.prompt,
                                                "generator": cfg.generator, "top_p": cfg.top_p},
               "retrieved": [{"document": h["source"], "doc_id": h["doc_id"], "page": int(h["page_start"]),
@@ -365,8 +413,6 @@ def answer(question: str, corpus: Corpus, cfg: QueryConfig, generator: Generator
         blocked = leaks_system_prompt(text)
         if blocked:
             text = ""
-        if hits and text:
-            text = f"{text} {citation_text(cite(hits[0]))}"  # the chunk it was given first
-        result["generated"] = {"text": text, "leak_blocked": blocked,
+        result["generated"] = {**cite_sentences(text, hits, cfg.support_threshold), "leak_blocked": blocked,
                                "faithfulness": faithfulness(text, texts, cfg.support_threshold)}
     return result

@@ -3,10 +3,11 @@
     GET  /                 the page (serve/page/index.html); /page/chat.js and /page/chat.css with it
     POST /v1/feedback      one rated reply: stored in the project-local feedback store (forgeline/feedback.py)
 
-The page talks to the service's own POST /v1/chat/completions (streaming), keeps its session id and
+In Assistant mode the page talks to the service's own POST /v1/chat/completions (streaming), keeps its session id and
 turns in the browser's localStorage, and posts a reply's whole state (thumb, better answer) on each
 change; the store keeps every post, the last one of a reply id counts. `forgeline feedback export`
-makes preference pairs of them (data/feedback/, DVC) for the next DPO run.
+makes preference pairs of them (data/feedback/, DVC) for the next DPO run. In Documents mode
+(serve/page/rag.js) questions go to POST /v1/rag/query and PDFs to /v1/rag/documents (serve/rag.py).
 
 A /v1/feedback body: {"id", "session", "messages": [user/assistant turns the reply answered],
 "reply", "rating": "up"|"down"|null, "better": str|null, "model", "model_version"}.
@@ -24,6 +25,7 @@ from forgeline.feedback import append_record, make_record
 
 PAGE = Path(__file__).parent / "page"
 ASSETS = {"chat.js": "text/javascript", "chat.css": "text/css",
+          "rag.js": "text/javascript",       # Documents mode: questions to the RAG index (serve/rag.py)
           "compose.js": "text/javascript"}   # Smart Compose ghost text (serve/compose.py)
 MAX_BODY = 256 * 1024    # bytes: a long conversation and its reply fit many times over
 FIELDS = {"id", "session", "messages", "reply", "rating", "better", "model", "model_version"}

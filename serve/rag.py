@@ -21,7 +21,9 @@ and deletions persist under .forgeline/rag/ across restarts. A deleted document'
 never returned again (the pipeline's own documents can be deleted too).
 
 The index is data/rag_index (FORGELINE_RAG_INDEX overrides), loaded at the first request; settings
-are configs/rag_eval.yaml's query-path fields (what rag_eval measures is what is served).
+are configs/rag_eval.yaml's query-path fields (what rag_eval measures is what is served;
+FORGELINE_RAG_CONFIG names another file, e.g. one with a generator). The chat page's Documents mode
+(serve/page/rag.js) is a client of these routes.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ STATE_DIR = Path(os.environ.get("FORGELINE_RAG_STATE", STATE / "rag"))
 GUARD_DIR = Path(os.environ.get("FORGELINE_SAFETY_GUARD", DATA / "safety" / "guard"))
 # the pipeline's own stage configs: the same caps, chunking, flags and query settings as the pipeline
 INGEST_CONFIG, CHUNK_CONFIG = CONFIGS / "rag_ingest.yaml", CONFIGS / "rag_chunk.yaml"
-INDEX_CONFIG, QUERY_CONFIG = CONFIGS / "rag_index.yaml", CONFIGS / "rag_eval.yaml"
+INDEX_CONFIG = CONFIGS / "rag_index.yaml"
+QUERY_CONFIG = Path(os.environ.get("FORGELINE_RAG_CONFIG", CONFIGS / "rag_eval.yaml"))  # e.g. one naming a generator
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,120}\.pdf$", re.I)
 
 

@@ -6,9 +6,9 @@ answer, the document, the page and the span of the page that answers it (tests/t
 every span is on its page); some questions are answerable only from the scanned PDF. A retrieved
 chunk is relevant when it is of the question's document and spans its page.
 
-- Retrieval, per index in rag_index (flat, lsh, ivf, hnsw) x expansion (none, multi_query, prf),
-  and hybrid BM25 for the served index: hit rate@1/5/10, MRR@10, nDCG@10 (binary relevance),
-  precision@5 (forgeline/metrics.py).
+- Retrieval, per index in rag_index (flat, lsh, ivf, hnsw) x expansion (none, multi_query, prf), dense,
+  and fused with BM25 on the served index (plain and with the served expansion; the served row is
+  marked): hit rate@1/5/10, MRR@10, nDCG@10 (binary relevance), precision@5 (forgeline/metrics.py).
 - Answers with the query path's settings (the QueryConfig fields below; serve/rag.py reads the same
   values from this file): the extractive answer always, the generated one when `generator` is set;
   faithfulness (forgeline/grounding.py: share of answer sentences supported by the retrieved
@@ -122,7 +122,9 @@ def rag_eval(cfg: RagEvalConfig) -> dict:
         index = load_index(index_dir / f"index_{kind}.faiss", ef_search=params.hnsw_ef_search,
                            nprobe=params.ivf_nprobe)
         corpus = Corpus(rows, vectors, index, encoder)
-        variants = [(e, False) for e in cfg.expansions] + ([("none", True)] if kind == info["serve"] else [])
+        # dense for every expansion (the comparison), + BM25 on the served index: plain and the served expansion
+        variants = [(e, False) for e in cfg.expansions] + \
+            ([(e, True) for e in dict.fromkeys(["none", cfg.expansion])] if kind == info["serve"] else [])
         for expansion, hybrid in variants:
             t = time.perf_counter()
             ranked = rank_all(golden, corpus, replace(deep, expansion=expansion, hybrid=hybrid))
@@ -199,11 +201,15 @@ def report(r: dict) -> str:
              f"from the scanned PDF), {r['chunks']} chunks; served index: {r['served']}", "",
              "## Retrieval (a chunk is relevant when it is of the question's document and spans its page)", "",
              "| index | expansion | hit@1 | hit@5 | hit@10 | MRR@10 | nDCG@10 | P@5 | ms/query |", "|---|---|---|---|---|---|---|---|---|"]
+    q = r["query_config"]
     for t in r["retrieval"]:
-        lines.append(f"| {t['index']} | {t['expansion']}{' + BM25 (RRF)' if t['hybrid'] else ''} | {t['hit@1']:.3f} | "
+        served = (t["index"], t["expansion"], t["hybrid"]) == (r["served"], q["expansion"], q["hybrid"])
+        lines.append(f"| {t['index']} | {t['expansion']}{' + BM25 (RRF)' if t['hybrid'] else ''}"
+                     f"{' (served)' if served else ''} | {t['hit@1']:.3f} | "
                      f"{t['hit@5']:.3f} | {t['hit@10']:.3f} | {t['mrr@10']:.3f} | {t['ndcg@10']:.3f} | {t['p@5']:.3f} | "
                      f"{t['ms_per_query']:.1f} |")
-    lines += ["", "## Answers (served settings)", "", "| answer | faithfulness | unsupported sentences | ROUGE-L | BLEU | METEOR | cites the gold page |",
+    lines += ["", f"## Answers (served settings: {r['served']}, expansion {q['expansion']}"
+                  f"{', + BM25 (RRF)' if q['hybrid'] else ', dense only'})", "", "| answer | faithfulness | unsupported sentences | ROUGE-L | BLEU | METEOR | cites the gold page |",
               "|---|---|---|---|---|---|---|"]
     for k, q in r["answers"].items():
         cites = "" if q["cites_gold_page"] is None else f"{q['cites_gold_page']:.3f}"
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run(stage, config_dict(cfg)):
         r = rag_eval(cfg)
         served = next(t for t in r["retrieval"] if t["index"] == r["served"] and t["expansion"] == cfg.expansion
-                      and not t["hybrid"])
+                      and t["hybrid"] == cfg.hybrid)
         mlflow.log_metrics({f"served_{k.replace('@', '_at_')}": v for k, v in served.items()
                             if isinstance(v, float)})
         for kind, q in r["answers"].items():

@@ -17,10 +17,11 @@ import yaml
 from fastapi.testclient import TestClient
 
 from forgeline.config import load_config
-from forgeline.grounding import (SYSTEM_PROMPT, Corpus, Generator, QueryConfig, answer, faithfulness,
-                                  leaks_system_prompt, sentences)
+from forgeline.grounding import (SYSTEM_PROMPT, Corpus, Generator, QueryConfig, answer, citation_text, cite_sentences,
+                                  faithfulness, leaks_system_prompt, sentences)
 from forgeline.retrieval import BM25, IndexParams, build_index, multi_query, prf_query, rrf, search
 from tests.conftest import ROOT, commit_settings, run_in
+from tests.test_ui import browser  # noqa: F401 (the fixture: Debian's Chromium, headless, via Playwright)
 
 RAW = ROOT / "data" / "rag_raw"
 GOLDEN = ROOT / "data" / "groundtruth" / "rag_golden.jsonl"
@@ -127,6 +128,31 @@ def test_faithfulness_is_deterministic_and_never_nan():
     assert faithfulness("[a.pdf, p. 2]", texts, 0.6)["score"] == 0.0
     assert len(sentences("See e.g. page 3. Then stop.\fNext page here.")) == 3
     assert leaks_system_prompt("Sure! " + SYSTEM_PROMPT.upper()) and not leaks_system_prompt("Use tryCatch().")
+
+
+def test_generated_answer_is_cited_sentence_by_sentence():
+    """Each supported sentence cites the chunk that holds its words, at the page of the matching sentence
+    (this chunk crosses a page break); the model's own citation is dropped; an unsupported sentence gets
+    none and stays flagged."""
+    hits = [{"text": "R is released under the GNU General Public License (GPL). It runs on Unix.",
+             "source": "native/R-FAQ.pdf", "page_start": 14, "rank": 1, "low_ocr_confidence": False},
+            {"text": "Errors end a loop.\fUse try() or tryCatch() to keep a loop going after an error.",
+             "source": "scanned/notes-scan.pdf", "page_start": 3, "rank": 2, "low_ocr_confidence": True}]
+    said = ("Use tryCatch to keep a loop going after an error [fake.pdf, p. 99]. R is released under the GPL. "
+            "The moon is made of cheese.")
+    c = cite_sentences(said, hits, 0.6)
+    assert c["text"] == ("Use tryCatch to keep a loop going after an error. [notes-scan.pdf, p. 4] "
+                         "R is released under the GPL. [R-FAQ.pdf, p. 14] The moon is made of cheese.")
+    assert [(s["citation"], s["supported"], s["rank"], s["low_ocr_confidence"]) for s in c["sentences"]] == [
+        ({"document": "scanned/notes-scan.pdf", "page": 4}, True, 2, True),
+        ({"document": "native/R-FAQ.pdf", "page": 14}, True, 1, False),
+        (None, False, None, False)]
+    f = faithfulness(c["text"], [h["text"] for h in hits], 0.6)  # the citations added are no claims
+    assert f == faithfulness(said, [h["text"] for h in hits], 0.6)
+    assert f["checked"] == 3 and [u["sentence"] for u in f["unsupported"]] == ["The moon is made of cheese."]
+    assert cite_sentences("", hits, 0.6) == {"text": "", "sentences": []}
+    ok = cite_sentences("So it is. R is released under the GPL.", hits, 0.6)  # stop words only: nothing to check
+    assert ok["text"] == "So it is. R is released under the GPL. [R-FAQ.pdf, p. 14]" and ok["sentences"][0]["supported"] is None
 
 
 # ---------------------------------------------------------------------------- a small corpus, built by the stages
@@ -290,10 +316,17 @@ def test_generated_answer_through_models_sampling_with_faithfulness_flags(built,
     res = answer(LICENSE_Q, corpus, qcfg, gen)
     g = res["generated"]
     assert g["text"] and not g["leak_blocked"] and 0.0 <= g["faithfulness"]["score"] <= 1.0
-    top = res["retrieved"][0]
-    assert g["text"].endswith(f"[{top['document']}, p. {top['page']}]")  # cites the first chunk it was given
+    # cited sentence by sentence: a supported sentence by its chunk, an unsupported one not at all
+    for sent in g["sentences"]:
+        assert (sent["citation"] is not None) == bool(sent["supported"])
+        if sent["citation"]:
+            assert citation_text(sent["citation"]) in g["text"]
+            hit = res["retrieved"][sent["rank"] - 1]
+            assert sent["citation"]["document"] == hit["document"] and hit["page"] <= sent["citation"]["page"] <= hit["page_end"]
     # a random model's words are not in the documents: flagged, and the score says so (a number, not NaN)
     assert g["faithfulness"]["score"] < 1.0 and g["faithfulness"]["unsupported"]
+    assert {u["sentence"] for u in g["faithfulness"]["unsupported"]} == {
+        s["sentence"] for s in g["sentences"] if s["supported"] is False}
     assert not math.isnan(g["faithfulness"]["score"])
     assert answer(LICENSE_Q, corpus, qcfg, gen)["generated"]["text"] == g["text"]  # seeded
     assert res["extractive"]["faithfulness"]["score"] == 1.0
@@ -305,6 +338,108 @@ def test_generated_answer_through_models_sampling_with_faithfulness_flags(built,
     hf = answer(LICENSE_Q, corpus, QueryConfig(generator="hf", generator_dir=str(hf_dir), max_new_tokens=16),
                 Generator("hf", str(hf_dir)))["generated"]
     assert hf["text"] and 0.0 <= hf["faithfulness"]["score"] < 1.0 and not hf["leak_blocked"]
+
+
+# ---------------------------------------------------------------------------- the chat page's Documents mode
+def golden_question(qid: str) -> str:
+    return next(json.loads(line)["question"] for line in GOLDEN.read_text().splitlines() if f'"{qid}"' in line)
+
+
+@pytest.fixture(scope="module")
+def page_server(built, tmp_path_factory):
+    """The whole app (uvicorn, 127.0.0.1) over the small index, with a random 2-layer GPT as the RAG generator
+    (configs/rag_eval.yaml otherwise): its sentences are unsupported, so the page must flag them."""
+    from tests.test_serve_llm import start_server, stop_server, tiny_folder
+
+    tmp = tmp_path_factory.mktemp("rag_page")
+    model = tiny_folder(tmp / "llm")
+    cfg = {**yaml.safe_load((ROOT / "configs" / "rag_eval.yaml").read_text()), "generator": "forgeline",
+           "generator_dir": str(model), "max_new_tokens": 24, "max_prompt_tokens": 512}
+    (tmp / "rag.yaml").write_text(yaml.safe_dump(cfg))
+    proc, url = start_server({"FORGELINE_LLM_MODEL": str(model), "FORGELINE_RAG_INDEX": str(built / "index"),
+                              "FORGELINE_RAG_STATE": str(tmp / "state"), "FORGELINE_SAFETY_GUARD": str(tmp / "no_guard"),
+                              "FORGELINE_RAG_CONFIG": str(tmp / "rag.yaml")}, tmp, {"max_tokens": 16})
+    yield url
+    out = stop_server(proc)
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.slow  # a browser and a server
+def test_chat_page_documents_mode(page_server, browser):
+    """Switch to Documents, ask golden-set questions: answers cite [document, p. N] sentence by sentence,
+    the generated answer's unsupported sentences are flagged, passages open, a poorly scanned page is
+    flagged; upload a PDF (and a refused one, with its quarantine reason), ask it, delete it."""
+    from tests.test_ui import ARTIFACTS
+
+    page = browser.new_page()
+    page.goto(page_server, wait_until="networkidle")
+    assert page.locator("#documents").is_hidden() and page.locator("#log").is_visible()
+    page.locator("#mode-documents").click()
+    assert page.locator("#mode-documents").get_attribute("aria-selected") == "true"
+    assert page.locator("#log").is_hidden() and page.locator("#rag-log").is_visible()
+    docs = page.locator("#doc-list li.document")
+    docs.first.wait_for()
+    assert sorted(docs.locator(".source").all_text_contents()) == ["rfaq.pdf", "scanned/gs9-color-p11-13-scan.pdf"]
+    assert docs.filter(has_text="gs9-color").locator(".flag.low-ocr").count() == 1  # its third page scanned badly
+
+    def ask(question: str):
+        page.locator("#prompt").fill(question)
+        page.locator("#prompt").press("Enter")
+        page.locator(".turn.rag.pending").wait_for(state="detached")
+        return page.locator(".turn.rag").last
+
+    # ---- a golden-set question (q008, R-FAQ p. 14 = p. 2 of the small index's rfaq.pdf)
+    turn = ask(golden_question("q008"))
+    quoted = turn.locator(".answer.extractive .sentence", has_text="GNU General Public License")
+    assert quoted.count() >= 1 and quoted.first.locator(".citation").text_content() == "[rfaq.pdf, p. 2]"
+    assert turn.locator(".answer.extractive .flag.unsupported").count() == 0
+    assert "faithfulness 1.00" in turn.locator(".answer.extractive .faithfulness").text_content()
+    # the random model's generated sentences: unsupported, flagged, and uncited
+    flagged = turn.locator(".answer.generated .sentence.unsupported")
+    assert flagged.count() >= 1 and flagged.locator(".citation").count() == 0
+    assert flagged.first.locator(".flag.unsupported").text_content() == "unsupported"
+    # a citation opens the retrieved passages at the passage it cites
+    assert not turn.locator("details.passages").evaluate("d => d.open")
+    quoted.first.locator(".citation").click()
+    assert turn.locator("details.passages").evaluate("d => d.open")
+    shown = turn.locator(".passage.highlight")
+    assert shown.locator(".where").text_content().startswith("rfaq.pdf, p") and "2" in shown.locator(".where").text_content()
+    assert "GNU General Public License" in shown.locator("blockquote").text_content()
+
+    # ---- a question answered from the badly scanned page: flagged where its passages come from it
+    turn = ask(golden_question("q075"))
+    assert turn.locator(".notice.low-ocr").is_visible()
+    assert turn.locator(".passage .flag.low-ocr").count() >= 1
+
+    # ---- upload: a refusal shows its quarantine reason; a PDF is indexed at once, listed, asked, deleted
+    page.locator("#pdf").set_input_files({"name": "fake.pdf", "mimeType": "application/pdf",
+                                          "buffer": b"hello, not a pdf at all"})
+    page.locator("#upload-button").click()
+    page.locator("#upload-status", has_text="refused").wait_for()
+    assert "quarantined: wrong_type" in page.locator("#upload-status").text_content()
+    notes = text_pdf([["Office notes for the Forgeline team.",
+                       "The quarterly budget review takes place in the Zephyr meeting room every Thursday."]])
+    page.locator("#pdf").set_input_files({"name": "team notes (v2).pdf", "mimeType": "application/pdf", "buffer": notes})
+    page.locator("#upload-button").click()
+    page.locator("#upload-status", has_text="Added").wait_for()
+    assert "uploads/team notes _v2_.pdf: 1 page, 1 chunk" in page.locator("#upload-status").text_content()
+    docs.filter(has_text="team notes").wait_for()
+    assert docs.count() == 3
+    turn = ask("Where does the quarterly budget review take place?")
+    assert turn.locator(".answer.extractive .sentence", has_text="Zephyr meeting room").locator(
+        ".citation").first.text_content() == "[team notes _v2_.pdf, p. 1]"
+    page.locator("#rag-log .turn.rag").first.locator("details.passages").evaluate("d => d.open = true")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "rag-page.png"), full_page=True)
+    docs.filter(has_text="team notes").locator("button.delete").click()
+    page.locator("#upload-status", has_text="Deleted").wait_for()
+    page.wait_for_function("document.querySelectorAll('#doc-list li.document').length === 2")
+
+    # ---- a reload keeps the mode and the questions asked
+    page.reload(wait_until="networkidle")
+    assert page.locator("#mode-documents").get_attribute("aria-selected") == "true"
+    assert page.locator("#rag-log .turn.rag").count() == 3 and page.locator("#log").is_hidden()
+    assert (ARTIFACTS / "rag-page.png").stat().st_size > 10_000
 
 
 # ---------------------------------------------------------------------------- the pipeline, end to end

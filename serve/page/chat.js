@@ -224,6 +224,7 @@ async function ask(text) {
 
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
+  if (document.body.dataset.mode === "documents") return;   // rag.js answers from the documents
   const text = input.value.trim();
   if (!text || sendButton.disabled) return;
   input.value = "";
@@ -238,12 +239,13 @@ input.addEventListener("keydown", (event) => {
   }
 });
 
-document.getElementById("new-chat").onclick = () => {
+document.getElementById("new-chat").addEventListener("click", () => {
+  if (document.body.dataset.mode === "documents") return;   // rag.js clears its own log
   localStorage.removeItem(`forgeline.turns.${session}`);
   session = newSession();
   turns = [];
   render();
-};
+});
 
 fetch("/v1/models").then((r) => (r.ok ? r.json() : null)).then((body) => {
   if (body && body.data && body.data.length) model = body.data[0].id;
