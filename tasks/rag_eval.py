@@ -148,9 +148,10 @@ def rag_eval(cfg: RagEvalConfig) -> dict:
                       "unsupported_sentences": sum(len(a[k]["faithfulness"]["unsupported"]) for a in answers),
                       "rougeL": metrics.rouge(hyps, refs, types=("rougeL",))["rougeL"],
                       "bleu": metrics.bleu(hyps, refs), "meteor": metrics.meteor(hyps, refs),
+                      # both answers are cited sentence by sentence (a generated sentence by the chunk supporting it)
                       "cites_gold_page": float(np.mean([any(s["citation"] == {"document": g["document"], "page": g["page"]}
-                                                            for s in a["extractive"]["sentences"])
-                                                        for a, g in zip(answers, golden)])) if k == "extractive" else None}
+                                                            for s in a[k]["sentences"])
+                                                        for a, g in zip(answers, golden)]))}
 
     # ---- OCR's effect: the scanned-only questions against OCR text and against the text layer
     embed = pd.read_parquet(Path(cfg.embed_dir) / "chunks.parquet").to_dict("records")
@@ -212,9 +213,8 @@ def report(r: dict) -> str:
                   f"{', + BM25 (RRF)' if q['hybrid'] else ', dense only'})", "", "| answer | faithfulness | unsupported sentences | ROUGE-L | BLEU | METEOR | cites the gold page |",
               "|---|---|---|---|---|---|---|"]
     for k, q in r["answers"].items():
-        cites = "" if q["cites_gold_page"] is None else f"{q['cites_gold_page']:.3f}"
         lines.append(f"| {k} | {q['faithfulness']:.3f} | {q['unsupported_sentences']} | {q['rougeL']:.3f} | "
-                     f"{q['bleu']:.2f} | {q['meteor']:.3f} | {cites} |")
+                     f"{q['bleu']:.2f} | {q['meteor']:.3f} | {q['cites_gold_page']:.3f} |")
     lines += ["", "## OCR's effect (scanned-only questions, exact index)", "", "| document | version | questions | hit@5 | MRR@10 |",
               "|---|---|---|---|---|"]
     lines += [f"| {o['document']} | {o['version']} | {o['questions']} | {o['hit@5']:.3f} | {o['mrr@10']:.3f} |" for o in r["ocr_effect"]]

@@ -1,5 +1,7 @@
-"""The RAG pipeline (issue 16): golden set, index families, retrieval pieces, faithfulness, the query path
-with uploads, deletions and a prompt injection inside a PDF, and one end-to-end pipeline run (slow)."""
+"""The RAG pipeline (issue 16): golden set, index families, retrieval pieces, faithfulness and per-sentence
+citations, the query path with uploads, deletions and a prompt injection inside a PDF, the chat page's
+Documents mode in Debian's Chromium (slow; screenshot rag-page.png in $FORGELINE_TEST_ARTIFACTS, default
+.forgeline/test-artifacts/), and one end-to-end pipeline run (slow)."""
 from __future__ import annotations
 
 import io
@@ -481,7 +483,11 @@ def test_rag_pipeline_end_to_end(workspace):
     assert ex["faithfulness"] >= 0.95 and all(0 <= ex[k] for k in ("rougeL", "bleu", "meteor"))
     assert [o["version"] for o in m["ocr_effect"]] == ["ocr", "text_layer"] and m["ocr_effect"][1]["hit@5"] >= 0.8
     assert [(p["document"], p["page"]) for p in m["low_ocr_pages"]] == [("scanned/gs9-color-p11-13-scan.pdf", 3)]
-    assert "Pages flagged for low OCR confidence" in (ws / "data" / "rag_eval" / "report.md").read_text()
+    report = (ws / "data" / "rag_eval" / "report.md").read_text()
+    assert "Pages flagged for low OCR confidence" in report
+    # configs/rag_eval.yaml serves hybrid: the served row is BM25-fused, the dense rows stay for comparison
+    assert m["query_config"]["hybrid"] and "| hnsw | none + BM25 (RRF) (served) |" in report
+    assert "| hnsw | none |" in report and "served settings: hnsw, expansion none, + BM25 (RRF)" in report
 
     import mlflow
 
