@@ -9,6 +9,15 @@ best_of, repetition_penalty, session_id, trace, ignore_eos (vLLM's). `usage` is 
 OpenAI's error object: 400 bad JSON or field, 404 unknown model, 413 body too large, 429 per-client rate limit
 (with Retry-After), 503 when shedding load or when no model can be served, 500 with no stack trace.
 
+Streams (`stream: true`) release text as the response check passes it (serve/llm/assistant.py's docstring): chat
+chunks carry `choices[0].delta.content` and, with `logprobs`, `choices[0].logprobs.content` = the items of the tokens
+whose text ends in that chunk (joined: the non-streamed reply's, for the same seed); completion chunks carry
+`choices[0].text` and the legacy `logprobs` (tokens, token_logprobs, top_logprobs, text_offset) the same way.
+A chunk of text the model did not write (a rejection reply) has `logprobs: null`. With n > 1 or best_of > 1 (both
+default to 1 in a stream) the choices are complete before the first chunk: each comes whole, in one chunk; a
+completion request with several prompts is answered whole too, one chunk per choice. Then a chunk with each
+choice's finish_reason, then `choices: []` with `usage` (and the `forgeline` extension), then [DONE].
+
 What it serves comes from the environment (read once, at the first request):
     FORGELINE_LLM_MODEL   a model folder or registry URI (default models:/forgeline-llm@champion, polled)
     FORGELINE_LLM_REWARD  the reward stage's folder (default data/reward when present)
@@ -280,6 +289,25 @@ def _settings(body: _Body, max_tokens: int | None) -> dict:
                 session_id=body.session_id, ignore_eos=body.ignore_eos)
 
 
+def _validate(assistant, kw: dict) -> None:
+    """A stream's settings checked before it opens, so a bad one is a 400, not an error inside the stream."""
+    assistant._settings(**{k: kw[k] for k in ("n", "best_of", "temperature", "top_p", "max_tokens", "stop", "seed",
+                                              "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
+                                              "repetition_penalty")}, timeout_s=None)
+
+
+def _legacy_logprobs(items: list[dict] | None, offset: int) -> tuple[dict | None, int]:
+    """Chat logprob items as /v1/completions' logprobs object, its text offsets from `offset`; and the next offset."""
+    if items is None:
+        return None, offset
+    lp = {"tokens": [t["token"] for t in items], "token_logprobs": [t["logprob"] for t in items],
+          "top_logprobs": [{x["token"]: x["logprob"] for x in t["top_logprobs"]} for t in items], "text_offset": []}
+    for t in items:
+        lp["text_offset"].append(offset)
+        offset += len(t["token"])
+    return lp, offset
+
+
 def _extension(reply: Reply, trace: bool) -> dict:
     out = {"refused": reply.refused, "reason": reply.reason, "model_version": reply.model}
     return {"forgeline": {**out, "trace": reply.trace}} if trace else {"forgeline": out}
@@ -366,9 +394,7 @@ async def chat_completions(request: Request, svc: Service):
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": MODEL_ID, "system_fingerprint": assistant.name}
     if body.stream:
-        assistant._settings(**{k: kw[k] for k in ("n", "best_of", "temperature", "top_p", "max_tokens", "stop", "seed",
-                                                   "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
-                                                   "repetition_penalty")}, timeout_s=None)   # 400 before the stream opens
+        _validate(assistant, kw)
         slot = await svc.gate.acquire()
         return StreamingResponse(_stream_chat(svc, slot, assistant, messages, kw, head, body.trace),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -378,9 +404,24 @@ async def chat_completions(request: Request, svc: Service):
     finally:
         await svc.gate.release(slot)
     choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-                "logprobs": {"content": c.logprobs} if c.logprobs is not None else None}
-               for i, c in enumerate(reply.choices)]
+                "logprobs": _chat_logprobs(c.logprobs)} for i, c in enumerate(reply.choices)]
     return {**head, "object": "chat.completion", "choices": choices, "usage": reply.usage, **_extension(reply, body.trace)}
+
+
+def _stream_error(e: Exception) -> str:
+    """An error after a stream's headers went: OpenAI's error object as an event (a RequestError says what was wrong)."""
+    bad = isinstance(e, RequestError)
+    if bad:
+        log.info("stream refused: %s", e)
+    else:
+        log.exception("stream failed")
+    return _sse({"error": {"message": str(e) if bad else "internal error (logged on the server)",
+                           "type": "invalid_request_error" if bad else "server_error",
+                           "param": getattr(e, "param", None), "code": getattr(e, "code", None)}})
+
+
+def _chat_logprobs(items: list[dict] | None) -> dict | None:
+    return {"content": items} if items is not None else None
 
 
 async def _stream_chat(svc: Service, slot: int, assistant, messages, kw, head, trace: bool):
@@ -390,23 +431,20 @@ async def _stream_chat(svc: Service, slot: int, assistant, messages, kw, head, t
         yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
         async for ev in iterate_in_threadpool(events):
             if isinstance(ev, StreamDelta):
-                if ev.text:
-                    yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": ev.text}, "finish_reason": None}]})
+                if ev.text or ev.logprobs:
+                    yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": ev.text}, "finish_reason": None,
+                                                      "logprobs": _chat_logprobs(ev.logprobs)}]})
                 continue
             reply: Reply = ev
             for i, c in enumerate(reply.choices):
                 if i:   # n > 1: the other choices, whole
                     yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": c.text},
-                                                      "finish_reason": None}]})
+                                                      "finish_reason": None, "logprobs": _chat_logprobs(c.logprobs)}]})
                 yield _sse({**chunk, "choices": [{"index": i, "delta": {}, "finish_reason": c.finish_reason}]})
             yield _sse({**chunk, "choices": [], "usage": reply.usage, **_extension(reply, trace)})
         yield _sse("[DONE]")
     except Exception as e:   # the headers are gone: the error goes into the stream, as OpenAI's does
-        log.exception("stream failed")
-        status = 400 if isinstance(e, RequestError) else 500
-        msg = str(e) if isinstance(e, RequestError) else "internal error (logged on the server)"
-        yield _sse({"error": {"message": msg, "type": "invalid_request_error" if status == 400 else "server_error",
-                              "param": getattr(e, "param", None), "code": getattr(e, "code", None)}})
+        yield _stream_error(e)
     finally:
         try:
             events.close()      # stops the generation when the client went away mid-stream
@@ -428,6 +466,13 @@ async def completions(request: Request, svc: Service):
     kw.pop("session_id")
     kw.update(logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
     assistant = await run_in_threadpool(svc.holder.current)
+    if body.stream and len(prompts) == 1:   # token by token (whole choices with n or best_of > 1)
+        _validate(assistant, kw)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": MODEL_ID, "system_fingerprint": assistant.name}
+        slot = await svc.gate.acquire()
+        return StreamingResponse(_stream_completion(svc, slot, assistant, prompts[0], kw, head, body.echo, body.trace),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     slot = await svc.gate.acquire()
     try:
         replies = [await run_in_threadpool(lambda p=p: assistant.complete(p, **kw)) for p in prompts]
@@ -436,22 +481,14 @@ async def completions(request: Request, svc: Service):
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for p, reply in zip(prompts, replies):
         for c in reply.choices:
-            lp = None
-            if c.logprobs is not None:
-                lp = {"tokens": [t["token"] for t in c.logprobs], "token_logprobs": [t["logprob"] for t in c.logprobs],
-                      "top_logprobs": [{x["token"]: x["logprob"] for x in t["top_logprobs"]} for t in c.logprobs],
-                      "text_offset": []}
-                off = len(p) if body.echo else 0
-                for t in c.logprobs:
-                    lp["text_offset"].append(off)
-                    off += len(t["token"])
+            lp, _ = _legacy_logprobs(c.logprobs, len(p) if body.echo else 0)
             choices.append({"index": len(choices), "text": (p if body.echo else "") + c.text, "logprobs": lp,
                             "finish_reason": c.finish_reason})
         usage = {k: usage[k] + reply.usage[k] for k in usage}
     out = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": MODEL_ID,
            "system_fingerprint": assistant.name, "choices": choices, "usage": usage,
            **_extension(replies[0], body.trace)}
-    if body.stream:   # one chunk per choice, then usage: the prompt is answered whole (no token streaming here)
+    if body.stream:   # several prompts: one chunk per choice, whole, then usage
         async def events():
             for ch in choices:
                 yield _sse({**{k: out[k] for k in ("id", "object", "created", "model")}, "choices": [ch]})
@@ -459,3 +496,37 @@ async def completions(request: Request, svc: Service):
             yield _sse("[DONE]")
         return StreamingResponse(events(), media_type="text/event-stream")
     return out
+
+
+async def _stream_completion(svc: Service, slot: int, assistant, prompt: str, kw: dict, head: dict, echo: bool,
+                             trace: bool):
+    events = assistant.stream_complete(prompt, **kw)
+    lead = prompt if echo else ""    # echo: the prompt leads the first chunk, and the text offsets count it
+    offset = len(lead)
+    try:
+        async for ev in iterate_in_threadpool(events):
+            if isinstance(ev, StreamDelta):
+                if ev.text or ev.logprobs or lead:
+                    lp, offset = _legacy_logprobs(ev.logprobs, offset)
+                    yield _sse({**head, "choices": [{"index": 0, "text": lead + ev.text, "logprobs": lp,
+                                                     "finish_reason": None}]})
+                    lead = ""
+                continue
+            reply: Reply = ev
+            for i, c in enumerate(reply.choices):
+                if i:   # n > 1: the other choices, whole
+                    lp, _ = _legacy_logprobs(c.logprobs, len(prompt) if echo else 0)
+                    yield _sse({**head, "choices": [{"index": i, "text": (prompt if echo else "") + c.text,
+                                                     "logprobs": lp, "finish_reason": None}]})
+                yield _sse({**head, "choices": [{"index": i, "text": "", "logprobs": None,
+                                                 "finish_reason": c.finish_reason}]})
+            yield _sse({**head, "choices": [], "usage": reply.usage, **_extension(reply, trace)})
+        yield _sse("[DONE]")
+    except Exception as e:
+        yield _stream_error(e)
+    finally:
+        try:
+            events.close()
+        except ValueError:
+            pass
+        await svc.gate.release(slot)

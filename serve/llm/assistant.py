@@ -10,11 +10,24 @@ decisions into the reply's trace (also logged, one JSON line per request, logger
     a = Assistant.from_folders("data/rlhf", reward_dir="data/reward", guard_dir="data/safety/guard")
     r = a.chat([{"role": "user", "content": "What is 2 + 3?"}], best_of=4, max_tokens=32, seed=0)
     r.text, r.refused, r.reason, r.trace, r.usage
-    for ev in a.stream([{"role": "user", "content": "hi"}]):   # StreamDelta(text)..., then the Reply
+    for ev in a.stream([{"role": "user", "content": "hi"}]):   # StreamDelta(text, logprobs)..., then the Reply
         ...
+    a.stream_complete("the quick brown", max_tokens=16)           # the same for a raw prompt (POST /v1/completions)
 
 Client errors (a malformed conversation, a prompt that leaves no room for a reply) raise RequestError;
 everything else is a Reply: a refusal is a reply that says why (`refused`, `reason`), never an empty text.
+
+Streaming and log-probabilities. A stream releases text only after the response evaluator passed all of it, every
+`stream_check_tokens` tokens and at the end (a trailing piece that could begin a stop string, or a character whose
+bytes are not all out, waits for the next release). Each StreamDelta carries the log-probability items of exactly
+the tokens whose text ends in its piece (a token split over two pieces goes with the second; a piece may so carry
+[] and, at the end, an empty piece may carry the last tokens, e.g. those of a stop string that is cut from the
+text): joined over the stream they are the non-streamed reply's `logprobs`, token for token, for the same seed.
+Text the model did not write carries `logprobs=None`, even when they were asked for: the rejection reply that
+replaces a reply a check stopped (after the pieces that had passed, which keep theirs), and a refusal of the
+request. The tokens generated after the last passed check are never released, text or log-probabilities.
+With best_of > 1 the candidates must finish before the best is known: the reply comes as one piece (with all
+its log-probabilities).
 """
 from __future__ import annotations
 
@@ -107,6 +120,7 @@ class Reply:
 @dataclass
 class StreamDelta:
     text: str
+    logprobs: list[dict] | None = None   # the items of the tokens whose text ends in `text`; None: not the model's text
 
 
 class Assistant:
@@ -298,66 +312,85 @@ class Assistant:
         best-of-N (the reward model reads the prompt as a user turn) and limits."""
         n, s = self._settings(n, best_of, temperature, top_p, max_tokens, stop, seed, logprobs, top_logprobs,
                               frequency_penalty, presence_penalty, repetition_penalty, timeout_s, ignore_eos)
+        trace: list[dict] = []
+        enhanced, why = self._prepare_prompt(prompt, s.max_new_tokens, trace)
+        if why is not None:
+            return self._finish(trace, None, [], self._refusal(why, trace, n=n))
+        s = _replace(s, max_new_tokens=enhanced.max_new_tokens)
+        t0 = time.perf_counter()
+        cands = self.generator(enhanced.ids, s)
+        trace.append({"step": "generator", "decision": "generated", "candidates": len(cands),
+                      "tokens": [c.generated for c in cands], "ms": _ms(t0)})
+        return self._finish(trace, None, [], self._rank_and_check(enhanced, cands, n, trace))
+
+    def _prepare_prompt(self, prompt, max_new_tokens: int, trace: list[dict]):
+        """A raw prompt's validation, input filter and room in the context: (enhanced, None) or (None, refusal)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError("prompt: a non-empty string", "prompt")
         if len(prompt) > self.cfg.max_prompt_chars:
             raise RequestError(f"the prompt holds {len(prompt)} characters; at most {self.cfg.max_prompt_chars}",
                                "prompt", "context_length_exceeded")
-        trace: list[dict] = []
         t0 = time.perf_counter()
         verdict = self._check_input(prompt)
         trace.append({"step": "input_filter", "decision": "allowed" if verdict.allowed else verdict.reason,
                       "category": verdict.category, "scores": verdict.scores, "ms": _ms(t0)})
         if not verdict.allowed:
-            return self._finish(trace, None, [], self._refusal(verdict, trace, n=n))
+            return None, verdict
         ids = self.tok.encode(prompt, add_special_tokens=False).ids
         room = self.context - len(ids)
         if room < self.cfg.min_reply_tokens:
             raise RequestError(f"the prompt takes {len(ids)} of the model's {self.context} tokens, leaving "
                                f"{max(room, 0)} for the reply", "prompt", "context_length_exceeded")
-        if room < s.max_new_tokens:
-            trace.append({"step": "prompt_enhancer", "decision": "max_tokens_reduced", "from": s.max_new_tokens, "to": room})
-            s = _replace(s, max_new_tokens=room)
-        t0 = time.perf_counter()
-        cands = self.generator(ids, s)
-        trace.append({"step": "generator", "decision": "generated", "candidates": len(cands),
-                      "tokens": [c.generated for c in cands], "ms": _ms(t0)})
-        enhanced = Enhanced(ids, [{"role": "user", "content": prompt}], s.max_new_tokens)
-        return self._finish(trace, None, [], self._rank_and_check(enhanced, cands, n, trace))
+        if room < max_new_tokens:
+            trace.append({"step": "prompt_enhancer", "decision": "max_tokens_reduced", "from": max_new_tokens, "to": room})
+        return Enhanced(ids, [{"role": "user", "content": prompt}], min(room, max_new_tokens)), None
 
-    def stream(self, messages: list[dict], **kw) -> Iterator[StreamDelta | Reply]:
-        """The reply as it is written: StreamDelta pieces, then the final Reply (its text = the pieces joined).
-
-        A piece is released only after the response evaluator (the guard with the canary) passed the whole
-        text up to it: every `stream_check_tokens` tokens and at the end. A check that fails stops the reply:
-        what follows is the rejection reply, so the stream's text still reads as one message.
-        With best_of > 1 the candidates must finish before the best is known: the reply comes as one piece."""
-        session_id = kw.get("session_id")
-        n, s = self._settings(kw.get("n", 1), kw.get("best_of") or kw.get("n", 1), kw.get("temperature"), kw.get("top_p"),
-                              kw.get("max_tokens"), kw.get("stop"), kw.get("seed"), kw.get("logprobs", False),
-                              kw.get("top_logprobs", 0), kw.get("frequency_penalty", 0.0),
+    def _stream_settings(self, kw: dict) -> tuple[int, GenSettings]:
+        """A stream's settings: as the non-streamed request's, but best_of defaults to n (one candidate streams)."""
+        return self._settings(kw.get("n", 1), kw.get("best_of") or kw.get("n", 1), kw.get("temperature"),
+                              kw.get("top_p"), kw.get("max_tokens"), kw.get("stop"), kw.get("seed"),
+                              kw.get("logprobs", False), kw.get("top_logprobs", 0), kw.get("frequency_penalty", 0.0),
                               kw.get("presence_penalty", 0.0), kw.get("repetition_penalty", 1.0), kw.get("timeout_s"),
                               kw.get("ignore_eos", False))
+
+    def stream(self, messages: list[dict], **kw) -> Iterator[StreamDelta | Reply]:
+        """The reply as it is written: StreamDelta pieces, then the final Reply (its text = the pieces joined;
+        its logprobs = theirs joined). The checks, and what a stopped reply becomes: the module's docstring."""
+        n, s = self._stream_settings(kw)
         if s.n > 1:
-            reply = self.chat(messages, **{**kw, "best_of": s.n})
-            for c in reply.choices[:1]:
-                yield StreamDelta(c.text)
-            yield reply
+            yield from _whole(self.chat(messages, **{**kw, "best_of": s.n}))
             return
+        session_id = kw.get("session_id")
         trace: list[dict] = []
         enhanced, why = self._prepare(messages, session_id, s.max_new_tokens, trace)
         if why is not None:
-            reply = self._finish(trace, session_id, messages, self._refusal(why, trace, n=n), record=False)
-            yield StreamDelta(reply.text)
-            yield reply
+            yield from _whole(self._finish(trace, session_id, messages, self._refusal(why, trace, n=n), record=False))
             return
-        s = _replace(s, max_new_tokens=enhanced.max_new_tokens)
+        yield from self._stream_checked(enhanced, _replace(s, max_new_tokens=enhanced.max_new_tokens), trace,
+                                        session_id, messages)
+
+    def stream_complete(self, prompt: str, **kw) -> Iterator[StreamDelta | Reply]:
+        """complete() as it is written (POST /v1/completions with stream): the same pieces and checks as stream()."""
+        n, s = self._stream_settings(kw)
+        if s.n > 1:
+            yield from _whole(self.complete(prompt, **{**kw, "best_of": s.n}))
+            return
+        trace: list[dict] = []
+        enhanced, why = self._prepare_prompt(prompt, s.max_new_tokens, trace)
+        if why is not None:
+            yield from _whole(self._finish(trace, None, [], self._refusal(why, trace, n=n)))
+            return
+        yield from self._stream_checked(enhanced, _replace(s, max_new_tokens=enhanced.max_new_tokens), trace, None, [])
+
+    def _stream_checked(self, enhanced: Enhanced, s: GenSettings, trace: list[dict], session_id, messages
+                        ) -> Iterator[StreamDelta | Reply]:
+        """One candidate generated in a thread; its text released as the response evaluator passes it."""
         texts: queue.Queue = queue.Queue()
         cancelled = threading.Event()
         result: dict = {}
 
-        def on_text(row: int, text: str) -> None:
-            texts.put(text)
+        def on_text(row: int, text: str, item: dict | None = None) -> None:
+            texts.put((text, item))
             if cancelled.is_set():
                 raise _Cancelled
 
@@ -375,11 +408,21 @@ class Assistant:
         worker = threading.Thread(target=run, name="forgeline-llm-stream", daemon=True)
         worker.start()
         sent, tokens, blocked = "", 0, None
+        held: list[list] = []    # [logprob item, where its token's text ends in the text (None: not yet known)]
+        released = 0             # logprob items sent
         try:
-            while (text := texts.get()) is not None:
+            while (got := texts.get()) is not None:
+                text, item = got
                 tokens += 1
                 if blocked is not None:
                     continue
+                if item is not None:
+                    held.append([item, None])
+                if not text.endswith("\ufffd"):   # every byte out: the tokens so far end by here at the latest
+                    for h in reversed(held):
+                        if h[1] is not None:
+                            break
+                        h[1] = len(text)
                 if tokens % self.cfg.stream_check_tokens:
                     continue              # held back until the next check covers it
                 verdict = self.check_output(text)
@@ -387,23 +430,29 @@ class Assistant:
                     blocked = verdict
                     cancelled.set()
                     continue
-                checked_at = text.rstrip("\ufffd")   # a character whose bytes are not all out yet waits
-                if checked_at.startswith(sent) and len(checked_at) > len(sent):
-                    yield StreamDelta(checked_at[len(sent):])
-                    sent = checked_at
+                ready = _releasable(text, s.stop)
+                if ready.startswith(sent) and len(ready) > len(sent):
+                    k = 0
+                    while k < len(held) and held[k][1] is not None and held[k][1] <= len(ready):
+                        k += 1
+                    items, held[:k] = [h[0] for h in held[:k]], []
+                    released += len(items)
+                    yield StreamDelta(ready[len(sent):], items if s.logprobs else None)
+                    sent = ready
             worker.join()
             if "error" in result:
                 raise result["error"]
             trace.append({"step": "generator", "decision": "streamed", "tokens": tokens, "ms": _ms(t0)})
             if blocked is None:
-                cands = result["cands"]
-                final = self._rank_and_check(enhanced, cands, 1, trace)
+                final = self._rank_and_check(enhanced, result["cands"], 1, trace)
                 if final.refused:
                     blocked = Verdict(False, final.reason)
                     trace.pop()   # _refusal adds its own entry below
                 elif final.text.startswith(sent):
-                    if len(final.text) > len(sent):
-                        yield StreamDelta(final.text[len(sent):])
+                    rest = final.choices[0].logprobs
+                    rest = rest[released:] if rest is not None else None
+                    if len(final.text) > len(sent) or rest:
+                        yield StreamDelta(final.text[len(sent):], rest)
                     yield self._finish(trace, session_id, messages, final)
                     return
             # the check stopped the reply: say why after what was sent (which had passed every check)
@@ -415,6 +464,20 @@ class Assistant:
             yield self._finish(trace, session_id, messages, refusal)
         finally:
             cancelled.set()   # a consumer that stops early (client gone) stops the generation too
+
+
+def _whole(reply: Reply) -> Iterator[StreamDelta | Reply]:
+    """A reply that is complete before its first piece (best_of > 1, a refusal): one piece, then the reply."""
+    yield StreamDelta(reply.choices[0].text, reply.choices[0].logprobs)
+    yield reply
+
+
+def _releasable(text: str, stop: tuple[str, ...]) -> str:
+    """What of a checked text may go out now: not a character whose bytes are not all out yet (U+FFFD at the end),
+    nor an ending that may be the start of a stop string (the stop would cut it from the reply)."""
+    text = text.rstrip("\ufffd")
+    hold = max((k for x in stop for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
+    return text[:len(text) - hold]
 
 
 class _Cancelled(Exception):

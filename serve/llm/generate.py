@@ -59,14 +59,17 @@ class ResponseGenerator:
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
         self.stop_ids = tuple(i for i in (tok.token_to_id(END), tok.token_to_id(EOT)) if i is not None)
+        self.raw = _raw_bytes(tok)
 
     def _token_item(self, tid: int, logp: float) -> dict:
-        s = self.tok.decode([tid], skip_special_tokens=False)
-        return {"token": s, "logprob": logp, "bytes": list(s.encode("utf-8"))}
+        """OpenAI's item: `bytes` are the token's own (part of a character, maybe), None for a special token
+        (not in the text)."""
+        return {"token": self.tok.decode([tid], skip_special_tokens=False), "logprob": logp, "bytes": self.raw[tid]}
 
     def __call__(self, prompt_ids: list[int], s: GenSettings,
                  on_text: Callable[[int, str], None] | None = None) -> list[Candidate]:
-        """s.n candidates for one prompt. on_text(row, text so far) after each token of each live row."""
+        """s.n candidates for one prompt. on_text(row, text so far, item) after each token of each live row;
+        item is that token's log-probability item (the one its candidate's `logprobs` holds), None without s.logprobs."""
         cfg = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
                                presence_penalty=s.presence_penalty, num_return_sequences=s.n,
@@ -83,6 +86,7 @@ class ResponseGenerator:
                     row.done = "stop"
                     continue
                 row.tokens.append(t)
+                item = None
                 if lp is not None:
                     item = self._token_item(t, float(lp[j, t]))
                     if s.top_logprobs:
@@ -102,7 +106,7 @@ class ResponseGenerator:
                         row.done = "timeout"
                         ended.append(r)
                 if on_text is not None:
-                    on_text(r, row.text)
+                    on_text(r, row.text, item)
             return ended
 
         outs = generate(self.model, [prompt_ids], cfg, on_step=on_step)
@@ -112,6 +116,19 @@ class ResponseGenerator:
             cands.append(Candidate(row.text, row.tokens, reason, len(out), row.logprobs if s.logprobs else None,
                                    timed_out=row.done == "timeout"))
         return cands
+
+
+def _raw_bytes(tok) -> list[list[int] | None]:
+    """Each token id's bytes, read through the byte-level BPE's alphabet (GPT-2's bytes_to_unicode: printable
+    bytes stand for themselves, the other 68 for chr(256 + k) in byte order); None for special tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
+    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    raw: list[list[int] | None] = [None] * tok.get_vocab_size()
+    for piece, i in tok.get_vocab().items():
+        raw[i] = None if piece in special else [byte_of[c] for c in piece]
+    return raw
 
 
 class RewardScorer:
