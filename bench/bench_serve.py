@@ -9,8 +9,8 @@ an asyncio httpx client measures
      check), not streamed: latency p50/p95;
   3. load: 1, 4 and 16 concurrent clients, each sending a fixed number of non-streamed requests (bounded work,
      a 60 s client timeout so nothing hangs): throughput, latency p50/p95/p99 of the answered ones, answers by
-     HTTP status (200, 429, 503, timeouts), and the server's RSS before and after; then the 16-client phase
-     repeated (--soak-rounds) with the RSS after each round: a plateau, or growth round after round.
+     HTTP status (200, 429, 503, timeouts), and the server's RSS before and after; then 4 clients,
+     every request served, for --soak-rounds rounds with the RSS after each: a plateau, or growth round after round.
 The reference, measured in the same run and process tree: the same model called directly through
 models/sampling.py (no HTTP, no guards, no template work) for the first token and for 64 tokens at batch 1,
 and for 4 candidates of 64 tokens; the table gives served / direct ratios. Targets: TTFT p95 <= 300 ms,
@@ -187,11 +187,11 @@ async def measure(url: str, pid: int, requests: int, per_client: int, soak_round
     for clients in (1, 4, 16):
         out["load"].append(await load_phase(url, clients, per_client))
         out["load"][-1]["rss_mb_after"] = proc.memory_info().rss / 2**20
-    # soak: the overload phase again and again; RSS after each round tells a plateau (allocator pools, caches
-    # filled once) from a leak (growth every round)
+    # soak: a fully served phase (4 clients: every request generates) again and again; RSS after each round
+    # tells a plateau (allocator pools, caches filled once) from a leak (growth every round)
     out["soak"] = []
     for r in range(soak_rounds):
-        ph = await load_phase(url, 16, per_client)
+        ph = await load_phase(url, 4, per_client * 4)
         out["soak"].append({"round": r + 1, "answered": ph["answered"], "codes": ph["codes"],
                             "rss_mb_after": proc.memory_info().rss / 2**20})
     out["rss_mb_end"] = proc.memory_info().rss / 2**20
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--guard", default=None, help="the safety stage's guard folder (default: a same-cost stand-in)")
     ap.add_argument("--requests", type=int, default=30, help="streamed and best-of-4 requests each")
     ap.add_argument("--per-client", type=int, default=6, help="requests per client in each load phase")
-    ap.add_argument("--soak-rounds", type=int, default=8, help="repeats of the 16-client phase after the load table, RSS after each")
+    ap.add_argument("--soak-rounds", type=int, default=8, help="rounds of 4 clients x 4 x per-client requests after the load table, RSS after each")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (OMP_NUM_THREADS)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{p['completion_tokens_per_s']:.0f} | {fmt(p['latency_s_p50'])} / {fmt(p['latency_s_p95'])} / "
               f"{fmt(p['latency_s_p99'])} s | {p['codes']} | {p['rss_mb_after']:.0f} MB |")
     if served["soak"]:
-        print("soak (16 clients, again): RSS after each round " +
+        print("soak (4 clients, 96 requests a round): RSS after each round " +
               ", ".join(f"{r['rss_mb_after']:.0f}" for r in served["soak"]) + " MB; answers " +
               ", ".join(str(r["codes"]) for r in served["soak"]))
     print(f"\nserver RSS {served['rss_mb_start']:.0f} MB at start, {served['rss_mb_before_load']:.0f} before the load, "
