@@ -120,7 +120,7 @@ def part_latency(threads: int) -> dict:
     return {"queries": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "mean_ms": float(np.mean(ms)), "threads": threads, "index": json.loads(
                 (DATA / "rag_index" / "index.json").read_text())["serve"], "top_k": cfg.top_k,
-            "expansion": cfg.expansion, "generator": cfg.generator}
+            "expansion": cfg.expansion, "hybrid": cfg.hybrid, "generator": cfg.generator}
 
 
 def part_indexing(threads: int) -> dict:
