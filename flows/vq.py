@@ -1,10 +1,10 @@
 """The VQ-VAE image generation pipeline (book chapter 8): img_data → img_validate → img_eval_net →
-vq_train → vq_prior → vq_eval.
+vq_train → vq_upsample → vq_prior → vq_eval.
 
 The captioning pipeline's image stages (DVC-cached: a stage whose inputs did not change is skipped)
 give the images, the gate and the evaluation network; vq_train learns the tokenizer (VQ-VAE with
 codebook, commitment, perceptual and patch-adversarial losses, dead-code restarts), vq_prior the
-project's GPT over its tokens in raster order, vq_eval samples with temperature and top-p, decodes
+project's GPT over its tokens in raster order, vq_upsample a 2x super-resolution network, vq_eval samples with temperature and top-p, decodes
 them and scores FID and IS beside the real-vs-real floor.
 
     python -m flows.vq [stage.key=value ...] [--no-push]     # or: forgeline run vq
@@ -23,9 +23,11 @@ from tasks.img_validate import ImgValidateConfig, ValidationFailed, img_validate
 from tasks.vq_eval import VqEvalConfig, vq_eval_task
 from tasks.vq_prior import VqPriorConfig, vq_prior_task
 from tasks.vq_train import VqTrainConfig, vq_train_task
+from tasks.vq_upsample import VqUpsampleConfig, vq_upsample_task
 
 STAGES = {"img_data": ImgDataConfig, "img_validate": ImgValidateConfig, "img_eval_net": ImgEvalNetConfig,
-          "vq_train": VqTrainConfig, "vq_prior": VqPriorConfig, "vq_eval": VqEvalConfig}
+          "vq_train": VqTrainConfig, "vq_upsample": VqUpsampleConfig,
+          "vq_prior": VqPriorConfig, "vq_eval": VqEvalConfig}
 VqParams = pipeline_params("VqParams", STAGES)
 
 
@@ -37,6 +39,7 @@ def vq(params: VqParams = VqParams()) -> list[dict]:
             img_validate_task(run),
             img_eval_net_task(run),
             vq_train_task(run),
+            vq_upsample_task(run),
             vq_prior_task(run),
             vq_eval_task(run),
         ]

@@ -8,6 +8,9 @@ the same real test images (what a perfect prior could reach through this tokeniz
 floor (two halves of the real images). FID and IS through the evaluation network of the domain
 (forgeline/image_metrics.py; its name and weights digest in every row). Sample grids as PNG.
 
+The first setting's samples also go through vq_upsample's 2x super-resolution (32 -> 64), the
+serving path's last step: samples_t<T>_p<P>_x2.png and its time per image.
+
 Writes data/vq_eval/: metrics.json, report.md (the table), real.png, reconstructions.png,
 samples_t<T>_p<P>.png.
 
@@ -33,6 +36,7 @@ from forgeline.image_metrics import extractor, generation_scores, load_eval_net
 from forgeline.images import load_images, to_tensor
 from forgeline.workspace import run_stage
 from models.sampling import GenerationConfig, generate
+from models.upsampler import Upsampler, UpsamplerConfig
 from models.vqvae import VQVAE, VQVAEConfig, code_stats
 
 
@@ -41,6 +45,7 @@ class VqEvalConfig:
     manifest: str = "data/img_data/manifest.parquet"
     vqvae: str = "data/vq_train"
     prior: str = "data/vq_prior"
+    upsampler: str = "data/vq_upsample"          # the serving path's last step, applied to the first setting's samples
     eval_net: str = "data/img_eval_net"
     out_dir: str = "data/vq_eval"
     domain: str = "fashion"                      # fashion | scenes: vq_train's
@@ -68,6 +73,14 @@ def load_vqvae(path: str | Path) -> VQVAE:
     from safetensors.torch import load_model
 
     model = VQVAE(VQVAEConfig(**json.loads((Path(path) / "config.json").read_text())))
+    load_model(model, str(Path(path) / "model.safetensors"))
+    return model.eval()
+
+
+def load_upsampler(path: str | Path) -> Upsampler:
+    from safetensors.torch import load_model
+
+    model = Upsampler(UpsamplerConfig(**json.loads((Path(path) / "config.json").read_text())))
     load_model(model, str(Path(path) / "model.safetensors"))
     return model.eval()
 
@@ -100,6 +113,7 @@ def vq_eval(cfg: VqEvalConfig) -> dict:
     meta = json.loads((Path(cfg.prior) / "prior.json").read_text())
     folder = Path(cfg.eval_net) / cfg.domain
     net = load_eval_net(folder)
+    upsampler = load_upsampler(cfg.upsampler)
     ext = extractor(net, "class" if cfg.domain == "fashion" else "count", folder)
     net_size, size = net.config.image_size, vq.config.image_size
 
@@ -134,6 +148,12 @@ def vq_eval(cfg: VqEvalConfig) -> dict:
             seconds = time.perf_counter() - t0
             name = f"samples_t{t:g}_p{p:g}"
             save_grid(fake[:cfg.grid ** 2], out / f"{name}.png", cfg.grid)
+            if not rows[1:]:   # the serving path's last step on the first setting: 2x super-resolution
+                t1 = time.perf_counter()
+                with torch.no_grad():
+                    big = upsampler(fake[:cfg.grid ** 2])
+                upsample_ms = 1000 * (time.perf_counter() - t1) / len(big)
+                save_grid(big, out / f"{name}_x2.png", cfg.grid)
             stats = code_stats(codes, vq.config.codebook_size)
             rows.append({"setting": f"prior samples, temperature {t:g}, top-p {p:g}", "temperature": t, "top_p": p,
                          **generation_scores(ext, to_net(real), to_net(fake), cfg.seed),
@@ -141,7 +161,8 @@ def vq_eval(cfg: VqEvalConfig) -> dict:
                          "code_usage": stats["usage"], "code_perplexity": stats["perplexity"], "grid": f"{name}.png"})
             print(f"vq_eval: {rows[-1]['setting']}: FID {rows[-1]['fid']:.3f} (floor {rows[-1]['fid_floor']:.3f}) "
                   f"IS {rows[-1]['inception_score']:.2f} {rows[-1]['ms_per_image']:.1f} ms/image", flush=True)
-    metrics = {"domain": cfg.domain, "feature_extractor": ext.name, "rows": rows,
+    metrics = {"domain": cfg.domain, "feature_extractor": ext.name, "rows": rows, "upsample_ms_per_image": upsample_ms,
+               "vq_upsample": json.loads((Path(cfg.upsampler) / "metrics.json").read_text()),
                "vq_train": json.loads((Path(cfg.vqvae) / "metrics.json").read_text()),
                "vq_prior": json.loads((Path(cfg.prior) / "metrics.json").read_text())}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -156,6 +177,9 @@ def report(m: dict) -> str:
              f"codebook usage {t['usage']:.1%}, perplexity {t['perplexity']:.1f}.",
              f"Prior on {p['test_images']} test images: {p['test_bits_per_token']:.3f} bits per token "
              f"(uniform: {p['uniform_bits_per_token']:.2f}), {p['test_bits_per_dim']:.4f} bits per dimension.", "",
+             "2x super-resolution (vq_upsample) on test images, PSNR: " + ", ".join(
+                 f"{k} {v:.2f} dB" for k, v in m["vq_upsample"]["test_psnr"].items())
+             + f"; {m['upsample_ms_per_image']:.2f} ms per sample (32 -> 64).", "",
              f"FID and IS through `{m['feature_extractor']}`.", "",
              "| images | FID | real-vs-real floor | IS | ms/image | START sampled |", "|---|---|---|---|---|---|"]
     for r in m["rows"]:

@@ -55,14 +55,14 @@ class VqPriorConfig:
     n_head: int = 4
     pos_encoding: str = "learned"      # 1D raster positions: learned, rope or sincos
     dropout: float = 0.0
-    batch_size: int = 64
-    max_steps: int = 1500
+    batch_size: int = 32
+    max_steps: int = 800
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    ckpt_interval: int = 500
+    ckpt_interval: int = 200
     keep_checkpoints: int = 2
     log_interval: int = 100
     seed: int = 1337

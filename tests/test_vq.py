@@ -119,6 +119,21 @@ def test_dead_codes_restart_on_encoder_outputs_and_stats():
     assert code_stats(torch.zeros(20, dtype=torch.long), 8) == {"usage": 0.125, "perplexity": pytest.approx(1.0)}
 
 
+def test_upsampler_doubles_the_size_and_starts_near_bilinear():
+    from models.upsampler import Upsampler, UpsamplerConfig
+
+    torch.manual_seed(0)
+    model = Upsampler(UpsamplerConfig(width=8, layers=2))
+    x = images(3, 16) * 0.5
+    y = model(x)
+    assert y.shape == (3, 3, 32, 32) and y.abs().max() <= 1
+    with torch.no_grad():
+        model.net[-2].weight.zero_()
+        model.net[-2].bias.zero_()
+    assert torch.allclose(model(x), F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+    assert model(images(1, 32)).shape == (1, 3, 64, 64)   # fully convolutional: 32 -> 64 as vq_eval uses it
+
+
 def test_top_p_changes_what_the_prior_samples():
     from tasks.vq_eval import sample_codes
 
@@ -204,12 +219,14 @@ TINY = {
     "vq_train": {"hidden": 16, "codebook_size": 16, "code_dim": 8, "disc_width": 8, "batch_size": 8, "max_steps": 4,
                  "adv_start": 2, "restart_interval": 2, "ckpt_interval": 2, "log_interval": 2, "warmup_steps": 1,
                  "eval_images": 20},
+    "vq_upsample": {"width": 8, "layers": 1, "batch_size": 8, "max_steps": 3, "ckpt_interval": 2, "log_interval": 2,
+                    "eval_images": 20},
     "vq_prior": {"train_images": 100, "test_images": 20, "n_layer": 1, "n_embd": 32, "n_head": 2, "batch_size": 8,
                  "max_steps": 4, "warmup_steps": 1, "ckpt_interval": 2, "log_interval": 2},
     "vq_eval": {"real_images": 40, "samples": 20, "temperatures": "[1.0]", "top_ps": "[1.0,0.5]", "batch_size": 20,
                 "grid": 2},
 }
-STAGES = ["img_data", "img_validate", "img_eval_net", "vq_train", "vq_prior", "vq_eval"]
+STAGES = ["img_data", "img_validate", "img_eval_net", "vq_train", "vq_upsample", "vq_prior", "vq_eval"]
 
 
 @pytest.mark.slow
@@ -225,7 +242,8 @@ def test_pipeline_end_to_end_on_a_tiny_config(workspace):
     assert [r.get("top_p") for r in rows] == [None, 1.0, 0.5]
     assert all(r["fid"] >= 0 and r["fid_floor"] > 0 and r["fake_images"] == (40 if i == 0 else 20)
                for i, r in enumerate(rows))
-    for name in ("real.png", "reconstructions.png", "samples_t1_p1.png", "samples_t1_p0.5.png"):
+    assert set(metrics["vq_upsample"]["test_psnr"]) == {"upsampler", "bilinear", "bicubic"}
+    for name in ("real.png", "reconstructions.png", "samples_t1_p1.png", "samples_t1_p0.5.png", "samples_t1_p1_x2.png"):
         assert (ws / "data" / "vq_eval" / name).stat().st_size > 100
     assert "| prior samples, temperature 1, top-p 0.5 |" in (ws / "data" / "vq_eval" / "report.md").read_text()
     again = run_in(ws, "-m", "flows.vq", "--no-push", *cli_overrides(TINY))
