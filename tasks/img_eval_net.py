@@ -59,6 +59,8 @@ class ImgEvalNetConfig:
     warmup_steps: int = 50
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
+    colour_blind: float = 0.0       # scenes: share of samples shown grey or channel-permuted, colour heads not trained on them
+    shape_blind: float = 0.0        # scenes: share shown as 8x8-pooled colour blobs, shape and size heads not trained on them
     ckpt_interval: int = 300
     keep_checkpoints: int = 2
     log_interval: int = 100
@@ -113,12 +115,37 @@ def lr_at(step: int, max_steps: int, cfg: ImgEvalNetConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def batch_at(n: int, batch_size: int, seed: int, step: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step `step`'s row indices and horizontal-flip flags: a pure function of (seed, step)."""
+PERMUTATIONS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+
+def batch_at(n: int, batch_size: int, seed: int, step: int, flip: bool, blind: float = 0.0,
+             blob: float = 0.0) -> tuple[torch.Tensor, ...]:
+    """Step `step`'s row indices, horizontal-flip flags, colour-blind flags and their kind (0 grey, 1-5 a
+    channel permutation), and shape-blind flags: a pure function of (seed, step)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     idx = torch.randint(n, (batch_size,), generator=g)
     flips = (torch.rand(batch_size, generator=g) < 0.5) & flip
-    return idx, flips
+    u = torch.rand(batch_size, generator=g)
+    blinds, blobs = u < blind, (u >= blind) & (u < blind + blob)
+    kinds = torch.randint(len(PERMUTATIONS) + 1, (batch_size,), generator=g)
+    return idx, flips, blinds, kinds, blobs
+
+
+def shape_blind(x: torch.Tensor, blobs: torch.Tensor) -> torch.Tensor:
+    """Rows with `blobs` pooled to 8x8-pixel colour cells: colour and count stay, shape is gone, so the
+    colour heads learn colour for shapes never seen with it."""
+    pooled = F.interpolate(F.avg_pool2d(x, 8), scale_factor=8, mode="nearest")
+    return torch.where(blobs[:, None, None, None], pooled, x)
+
+
+def colour_blind(x: torch.Tensor, blinds: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """Rows with `blinds` shown grey (kind 0) or with their RGB channels permuted (kinds 1-5): the shape,
+    size and count heads then cannot lean on colour, so they learn shape for colours never seen with it."""
+    out = x.clone()
+    for i in blinds.nonzero().flatten().tolist():
+        k = int(kinds[i])
+        out[i] = x[i].mean(0, keepdim=True).expand(3, -1, -1) if k == 0 else x[i, list(PERMUTATIONS[k - 1])]
+    return out
 
 
 @torch.no_grad()
@@ -174,11 +201,20 @@ def train_domain(cfg: ImgEvalNetConfig, domain: str, data: dict, log=None) -> tu
             save()
 
         # ---- one step; flips only for Fashion-MNIST (a flipped scene swaps its left and right slots)
-        idx, flips = batch_at(len(images), cfg.batch_size, cfg.seed, step, flip=domain == "fashion")
+        scenes_only = domain == "scenes"
+        idx, flips, blinds, kinds, blobs = batch_at(len(images), cfg.batch_size, cfg.seed, step, flip=not scenes_only,
+                                                    blind=cfg.colour_blind * scenes_only, blob=cfg.shape_blind * scenes_only)
         x = to_tensor(images[idx.numpy()], size)
-        x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+        x = shape_blind(colour_blind(torch.where(flips[:, None, None, None], x.flip(-1), x), blinds, kinds), blobs)
         logits = model(x)
-        loss = sum(F.cross_entropy(logits[h], labels[h][idx], label_smoothing=cfg.label_smoothing) for h in heads)
+        # a head learns only from rows that show what it names: colour heads not from colour-blind rows,
+        # shape and size heads not from shape-blind ones
+        shown = {"colour": (~blinds).float(), "shape": (~blobs).float(), "size": (~blobs).float()}
+        loss = 0.0
+        for h in heads:
+            w = shown.get(h.split("_")[0], torch.ones(len(idx)))
+            nll = F.cross_entropy(logits[h], labels[h][idx], label_smoothing=cfg.label_smoothing, reduction="none")
+            loss = loss + (nll * w).sum() / w.sum().clamp(min=1)
         loss = loss / len(heads)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"img_eval_net/{domain}: non-finite loss at step {step}")

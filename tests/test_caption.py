@@ -158,6 +158,21 @@ def test_eval_net_and_the_fid_floor():
     assert 0 < floor < shifted  # a real-vs-real gap, smaller than a shifted distribution's
 
 
+def test_eval_net_augmentations_hide_colour_or_shape():
+    from tasks.img_eval_net import batch_at, colour_blind, shape_blind
+
+    from forgeline.images import to_tensor
+
+    objs = [{"shape": "triangle", "colour": "blue", "size": "large", "slot": "middle"}]
+    x = to_tensor(scenes.render(np.random.default_rng(1), objs, noise=0)[None], 64).repeat(2, 1, 1, 1)
+    grey = colour_blind(x, torch.tensor([True, True]), torch.tensor([0, 5]))  # grey; channels reversed
+    assert torch.allclose(grey[0, 0], grey[0, 2]) and torch.equal(grey[1], x[1].flip(0))
+    blob = shape_blind(x, torch.tensor([True, False]))
+    assert torch.equal(blob[1], x[1]) and torch.equal(blob[0, :, :8, :8], blob[0, :, :1, :1].expand(3, 8, 8))
+    _, _, blinds, _, blobs = batch_at(10, 1000, 0, 3, flip=False, blind=0.4, blob=0.3)
+    assert not (blinds & blobs).any() and abs(blinds.float().mean() - 0.4) < 0.05 and abs(blobs.float().mean() - 0.3) < 0.05
+
+
 # ----------------------------------------------------------------------------- training, resume, evaluation
 
 
