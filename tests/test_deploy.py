@@ -97,7 +97,7 @@ def test_unmeasured_safety_is_said_not_passed_silently():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """chat data, two model folders (small, and 3x deeper and wider: slower) and a reward model folder, one tokenizer."""
+    """chat data, two model folders (small, and 6x deeper and wider: slower) and a reward model folder, one tokenizer."""
     root = tmp_path_factory.mktemp("deploy")
     data = root / "chat_data"
     chat_data(ChatDataConfig(pydocs=str(ROOT / "data/raw/pydocs/pydocs_head.txt.gz"),
@@ -111,7 +111,8 @@ def world(tmp_path_factory):
     rm_cfg = GPTConfig(vocab_size=300, block_size=128, n_layer=1, n_head=2, n_embd=32)
     tok.save(str(root / "tokenizer.json"))
     folders["reward"] = save_model_folder(root / "reward", RewardModel(rm_cfg), rm_cfg, root / "tokenizer.json")
-    for name, (layers, width) in {"small": (1, 32), "big": (3, 96)}.items():
+    for name, (layers, width) in {"small": (1, 32), "big": (6, 192)}.items():   # big: ~10x the work per token, so
+        # that one slow request of the small model (p95 of 6 is nearly the max) cannot make it the slower one
         folder = root / name
         folder.mkdir()
         tok.save(str(folder / "tokenizer.json"))
