@@ -110,56 +110,26 @@ def build_suite(cfg: MTValidateConfig):
     ])
 
 
-def describe_failures(result) -> list[dict]:
-    failures = []
-    for r in result.results:
-        if r.success:
-            continue
-        kwargs = r.expectation_config.kwargs
-        res = r.result or {}
-        failures.append({"expectation": r.expectation_config.type,
-                         "column": kwargs.get("column") or "/".join(filter(None, (kwargs.get("column_A"), kwargs.get("column_B")))),
-                         "unexpected_count": res.get("unexpected_count", res.get("observed_value")),
-                         "partial_unexpected_list": [str(v)[:80] for v in res.get("partial_unexpected_list", [])[:5]]})
-    return failures
-
-
 def mt_validate(cfg: MTValidateConfig) -> dict:
     """Run the suite; write result.json and Data Docs; raise ValidationFailed when it fails."""
-    import great_expectations as gx
+    from forgeline.expectations import run_suite
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = derive(pd.read_parquet(cfg.pairs))
-    context = gx.get_context(mode="ephemeral")
-    context.add_data_docs_site("forgeline", {
-        "class_name": "SiteBuilder",
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                          "base_directory": str((out / "data_docs").resolve())},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    })
-    batch = (context.data_sources.add_pandas("mt_data").add_dataframe_asset("pairs")
-             .add_batch_definition_whole_dataframe("all"))
-    suite = context.suites.add(build_suite(cfg))
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name="pairs", data=batch, suite=suite))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name="pairs", validation_definitions=[definition],
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["forgeline"])]))
-    run = checkpoint.run(batch_parameters={"dataframe": df})
-    (result,) = run.run_results.values()
-    failures = describe_failures(result)
+    success, evaluated, failures = run_suite(df, build_suite(cfg), out, "pairs")
     with open(cfg.pairs, "rb") as f:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
     summary = {
-        "success": bool(run.success), "pairs": int(len(df)),
+        "success": success, "pairs": int(len(df)),
         "pairs_sha256": sha,  # which table this verdict is about: mt_train refuses a report on other pairs
         "undecided_language_share": {s: round(float(df[f"{s}_undecided"].mean()), 4) for s in ("src", "tgt")},
-        "evaluated_expectations": len(result.results), "failed_expectations": len(failures), "failures": failures,
+        "evaluated_expectations": evaluated, "failed_expectations": len(failures), "failures": failures,
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2))
     if failures:
         lines = [f"  - {f['expectation']}({f['column'] or 'table'}): {f['unexpected_count']} unexpected" for f in failures]
-        raise ValidationFailed(f"{len(failures)} of {len(result.results)} expectations failed on {cfg.pairs}:\n"
+        raise ValidationFailed(f"{len(failures)} of {evaluated} expectations failed on {cfg.pairs}:\n"
                                + "\n".join(lines))
     return summary
 
