@@ -23,7 +23,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,13 @@ def save_training_state(root: Path, step: int, model: torch.nn.Module, optimizer
                             "train_config": asdict(train_config)}, keep=keep)
 
 
+def same_config(saved: dict[str, Any], config) -> bool:
+    """Whether a checkpoint's recorded config (a dict) is `config` (a dataclass); a field added to the
+    dataclass after the checkpoint was written (e.g. GPTConfig.pos_2d) counts as its default."""
+    defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
+    return {**defaults, **saved} == asdict(config)
+
+
 def resume_training_state(root: Path, model: torch.nn.Module, optimizer, model_config=None,
                           stage: str = "", verbose: bool = True) -> dict[str, Any] | None:
     """Restore the newest complete checkpoint under `root` into model, optimizer and every RNG; return
@@ -161,7 +168,7 @@ def resume_training_state(root: Path, model: torch.nn.Module, optimizer, model_c
     if ckpt is None:
         return None
     meta = json.loads((ckpt / "meta.json").read_text())
-    if model_config is not None and meta["model_config"] != asdict(model_config):
+    if model_config is not None and not same_config(meta["model_config"], model_config):
         raise ValueError(f"{ckpt} holds another model config; move it away or set ckpt_dir")
     state, meta = load_checkpoint(ckpt, model)
     optimizer.load_state_dict(state["optimizer"])

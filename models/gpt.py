@@ -11,6 +11,9 @@ Reads bottom-up, like nanoGPT's model.py: norms -> positional encodings -> KV ca
   output projection to the token embedding.
 - Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding"
   (arXiv:2104.09864): rotary position embeddings on q and k (`"rope"`, the default).
+- Parmar et al. 2018, "Image Transformer" (arXiv:1802.05751) and Ramesh et al. 2021, "Zero-Shot
+  Text-to-Image Generation" (DALL-E, arXiv:2102.12092): row + column embeddings for a grid of image
+  tokens in raster order after a prefix (`pos_2d`, off by default; added on top of the 1D positions).
 - Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head
   Checkpoints" (arXiv:2305.13245): `n_kv_heads < n_head` shares each k/v head between a group of
   query heads.
@@ -63,6 +66,15 @@ def sincos_table(pos: torch.Tensor, dim: int) -> torch.Tensor:
     inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
     angles = torch.outer(pos.float(), inv_freq)                 # (T, dim/2)
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+
+
+def grid_positions(pos: torch.Tensor, start: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """1D positions (any shape) -> (row, col, inside): a grid of h x w tokens in raster order begins
+    at position `start`; row/col are clamped to the grid and `inside` (bool) marks positions on it."""
+    k = pos - start
+    inside = (k >= 0) & (k < h * w)
+    k = k.clamp(0, h * w - 1)
+    return torch.div(k, w, rounding_mode="floor"), k % w, inside
 
 
 def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -363,6 +375,13 @@ class GPTConfig:
     mlp: Literal["relu", "gelu", "swiglu"] = "swiglu"  # gelu: for GPT-2 itself
     tie_weights: bool = True    # lm_head.weight is wte.weight
     rope_theta: float = 10000.0
+    # 2D positions for image tokens (off: "none"): the token at 1D position grid_start + r*grid_w + c
+    # also gets row r's and column c's encoding (learned tables, or sine-cosine on half the features
+    # each); the prefix before grid_start (a start token, a caption) keeps only its 1D positions
+    pos_2d: Literal["none", "learned", "sincos"] = "none"
+    grid_h: int = 0
+    grid_w: int = 0
+    grid_start: int = 0
 
     def __post_init__(self):
         for name, tp in get_type_hints(GPTConfig).items():
@@ -376,6 +395,11 @@ class GPTConfig:
             raise ValueError(f"rope rotates feature pairs: head_dim={self.head_dim} must be even")
         if self.pos_encoding == "sincos" and self.n_embd % 2:
             raise ValueError(f"sincos pairs sin/cos features: n_embd={self.n_embd} must be even")
+        if self.pos_2d != "none" and (self.grid_h < 1 or self.grid_w < 1 or self.grid_start < 0):
+            raise ValueError(f"pos_2d={self.pos_2d!r} needs grid_h, grid_w >= 1 and grid_start >= 0")
+        if self.pos_2d == "sincos" and self.n_embd % 4:
+            raise ValueError(f"2D sincos gives rows and columns half the features each: n_embd={self.n_embd} "
+                             "must be a multiple of 4")
 
     @property
     def kv_heads(self) -> int:
@@ -418,6 +442,9 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
+        learned_2d = config.pos_2d == "learned"
+        self.wre = nn.Embedding(config.grid_h, config.n_embd) if learned_2d else None   # grid rows
+        self.wce = nn.Embedding(config.grid_w, config.n_embd) if learned_2d else None   # grid columns
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config.norm, config.n_embd, config.bias)
@@ -447,8 +474,9 @@ class GPT(nn.Module):
         wte stays, being the LM head."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            if self.wpe is not None:
-                n -= self.wpe.weight.numel()
+            for table in (self.wpe, self.wre, self.wce):
+                if table is not None:
+                    n -= table.weight.numel()
             if not self.config.tie_weights:
                 n -= self.wte.weight.numel()
         return n
@@ -480,6 +508,8 @@ class GPT(nn.Module):
         else:
             rope = rope_angles(pos.flatten(), self.config.head_dim, self.config.rope_theta)
             rope = rope.view(*pos.shape, -1)                       # (T, D/2) or (B, T, D/2)
+        if self.config.pos_2d != "none":
+            x = x + self.grid_encoding(pos).to(x.dtype)
         x = self.drop(x)
 
         for layer, block in enumerate(self.blocks):
@@ -490,6 +520,22 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)
+
+    def grid_encoding(self, pos: torch.Tensor) -> torch.Tensor:
+        """Row + column encodings of the grid tokens among 1D positions pos (T,) or (B, T) -> (*pos.shape, C);
+        zero off the grid. sincos: rows fill the first C/2 features, columns the rest (MAE's 2D table),
+        scaled like the 1D sincos table against the token embeddings (see `hidden`)."""
+        cfg = self.config
+        row, col, inside = grid_positions(pos, cfg.grid_start, cfg.grid_h, cfg.grid_w)
+        if cfg.pos_2d == "learned":
+            enc = self.wre(row) + self.wce(col)
+        else:
+            half = cfg.n_embd // 2
+            enc = torch.cat([sincos_table(row.flatten(), half), sincos_table(col.flatten(), half)], -1)
+            enc = enc.view(*pos.shape, -1)
+            if cfg.pos_encoding != "sincos":   # tokens not scaled by sqrt(C): scale the table down instead
+                enc = enc / math.sqrt(cfg.n_embd)
+        return enc * inside.unsqueeze(-1)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

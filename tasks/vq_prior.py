@@ -2,15 +2,17 @@
 
 Tokenises the train images with vq_train's VQ-VAE (an 8x8 grid -> 64 codes in raster order, row by
 row) and trains a decoder-only GPT on [START] + codes, START = codebook_size (vocab = codebook_size
-+ 1), next-token cross-entropy on the codes only. Positions are the GPT's own 1D ones (`pos_encoding`;
-the raster index). Reports the held-out negative log-likelihood on test images as bits per token and
++ 1), next-token cross-entropy on the codes only. Positions (`positions`): 1d = the GPT's own 1D ones
+(`pos_encoding`; the raster index); 2d = those plus a row and a column encoding per code
+(`grid_encoding`: learned or sincos; GPTConfig.pos_2d with grid_start 1, after START). Reports the held-out negative log-likelihood on test images as bits per token and
 bits per dimension (the image's total bits over its 3 x S x S pixel values, as the VQ-VAE papers'
 prior figures). Refuses to start unless img_validate passed on this very manifest.
 
 One linear loop (tasks/pretrain.py's shape, copied small): a batch is a pure function of (seed,
 step); full-state checkpoints under checkpoints/vq_prior/<key>/ and resume. Writes data/vq_prior/:
 config.json + model.safetensors (load with forgeline.checkpoint.load_model_folder), prior.json (the
-start token, the grid, the VQ-VAE it reads), history.json, metrics.json. Sampling and decoding to
+start token, the grid, the positions, the VQ-VAE it reads; config.json's pos_2d/grid_* fields
+are GPTConfig's, absent (= 1D) in folders written before them), history.json, metrics.json. Sampling and decoding to
 pixels are vq_eval's (through models/sampling.py).
 
     python -m tasks.vq_prior [key=value ...]
@@ -54,6 +56,8 @@ class VqPriorConfig:
     n_embd: int = 128
     n_head: int = 4
     pos_encoding: str = "learned"      # 1D raster positions: learned, rope or sincos
+    positions: str = "1d"              # 1d | 2d: 2d adds row + column encodings of the code grid
+    grid_encoding: str = "learned"     # with positions 2d: learned or sincos
     dropout: float = 0.0
     batch_size: int = 32
     max_steps: int = 800
@@ -75,6 +79,9 @@ class VqPriorConfig:
             raise ConfigError(f"vq_prior: preset {self.preset!r}: one of {sorted(PRESETS)}")
         if self.pos_encoding not in ("learned", "rope", "sincos"):
             raise ConfigError(f"vq_prior: pos_encoding={self.pos_encoding!r}: learned, rope or sincos")
+        if self.positions not in ("1d", "2d") or self.grid_encoding not in ("learned", "sincos"):
+            raise ConfigError(f"vq_prior: positions={self.positions!r} (1d or 2d), "
+                              f"grid_encoding={self.grid_encoding!r} (learned or sincos)")
         if self.domain not in ("fashion", "scenes"):
             raise ConfigError(f"vq_prior: domain={self.domain!r}: fashion or scenes")
         if not 0 <= self.min_lr <= self.lr:
@@ -83,7 +90,9 @@ class VqPriorConfig:
     def model_config(self, vq: VQVAEConfig) -> GPTConfig:
         return GPTConfig.from_preset(self.preset, vocab_size=vq.codebook_size + 1, block_size=vq.tokens + 1,
                                      n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
-                                     pos_encoding=self.pos_encoding, dropout=self.dropout)
+                                     pos_encoding=self.pos_encoding, dropout=self.dropout,
+                                     pos_2d=self.grid_encoding if self.positions == "2d" else "none",
+                                     grid_h=vq.grid, grid_w=vq.grid, grid_start=1)   # the codes follow START
 
     def checkpoint_root(self) -> Path:
         skip = {"out_dir", "ckpt_dir", "log_interval", "keep_checkpoints", "validation", "test_images"}
@@ -209,6 +218,7 @@ def vq_prior(cfg: VqPriorConfig, log=None) -> dict:
     save_model(model, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(asdict(model_cfg), indent=2))
     (out / "prior.json").write_text(json.dumps({"start_token": start, "grid": vq.config.grid, "order": "raster",
+                                                "positions": cfg.positions,
                                                 "vqvae": cfg.vqvae, "domain": cfg.domain}, indent=2))
     (out / "history.json").write_text(json.dumps(history))
     nats = history["test"][-1][1]

@@ -13,6 +13,7 @@ and resume. Writes data/vq_train/: model.safetensors + config.json (VQVAEConfig)
 metrics.json (reconstruction MSE and PSNR on val and test, codebook usage and perplexity).
 
     python -m tasks.vq_train [key=value ...]
+    python -m tasks.vq_train config=configs/t2i_vq.yaml    # the t2i pipeline's scene tokenizer (data/t2i_vq/)
 """
 from __future__ import annotations
 
@@ -274,9 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({s: metrics[s] for s in ("val", "test")}))
 
 
-@task(name="vq_train", retries=1, retry_delay_seconds=10)  # a retry resumes from the last checkpoint
-def vq_train_task(run: dict[str, str]) -> dict:
-    return run_stage("vq_train", **run)
+@task(name="vq_train", task_run_name="{stage}", retries=1, retry_delay_seconds=10)  # a retry resumes
+def vq_train_task(run: dict[str, str], stage: str = "vq_train") -> dict:
+    """vq_train, or the same module as another stage (t2i_vq: configs/t2i_vq.yaml, the scene tokenizer)."""
+    return run_stage(stage, **run)
 
 
 if __name__ == "__main__":
