@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from serve import caption, compose, page, rag, translate
+from serve import caption, compose, images, page, rag, translate
 from serve.llm import api as llm_api
 
 # (pipeline, its router): e.g. ("rag", serve.rag.router) once the RAG pipeline serves queries
@@ -22,6 +22,7 @@ ROUTERS.append(("compose", compose.router))   # Smart Compose: POST /v1/compose,
 ROUTERS.append(("translate", translate.router))   # POST /v1/translate: en->fr, en->es, beam search, per-sentence confidence
 ROUTERS.append(("rag", rag.router))   # ChatPDF: POST /v1/rag/query, POST|GET /v1/rag/documents, DELETE /v1/rag/documents/{id}
 ROUTERS.append(("caption", caption.router))   # POST /v1/caption: an uploaded image -> a beam-search caption, word-filtered
+ROUTERS.append(("images", images.router))   # POST /v1/images/generations: gan | vq | t2i, OpenAI's images API
 
 
 def create_app(routers: list[tuple[str, APIRouter]] | None = None) -> FastAPI:

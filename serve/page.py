@@ -39,6 +39,20 @@ def error(status: int, message: str, param: str | None = None, code: str | None 
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
+async def json_object(request: Request, max_body: int) -> dict | JSONResponse:
+    """The request's body as a JSON object, or OpenAI's error: 413 over `max_body` bytes, 400 not a JSON object."""
+    body = await request.body()
+    if len(body) > max_body:
+        return error(413, f"body over {max_body} bytes", code="body_too_large")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return error(400, "the body is not JSON")
+    if not isinstance(data, dict):
+        return error(400, "the body must be a JSON object")
+    return data
+
+
 @router.get("/", include_in_schema=False)
 def page() -> FileResponse:
     return FileResponse(PAGE / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
@@ -54,15 +68,9 @@ def asset(name: str):
 @router.post("/v1/feedback")
 async def feedback(request: Request) -> JSONResponse:
     """Store one rated reply; 400 on a bad body, 413 on one over MAX_BODY bytes."""
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        return error(413, f"feedback body over {MAX_BODY} bytes", code="body_too_large")
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return error(400, "the body is not JSON")
-    if not isinstance(data, dict):
-        return error(400, "the body must be a JSON object")
+    data = await json_object(request, MAX_BODY)
+    if isinstance(data, JSONResponse):
+        return data
     unknown = set(data) - FIELDS
     if unknown:
         return error(400, f"unknown fields: {sorted(unknown)}", param=sorted(unknown)[0])

@@ -1,0 +1,317 @@
+"""POST /v1/images/generations: the image pipelines behind OpenAI's images API (book chapters 7-9).
+
+The request and response are OpenAI's (`client.images.generate(...)` works unchanged):
+
+    {"prompt": str, "model": "gan" | "vq" | "t2i" (default gan), "n": 1..MAX_N (default 1),
+     "size": "<S>x<S>" (default: the model's largest), "response_format": "b64_json" (the default),
+     "seed": int (optional), "user": str (ignored), and per model:
+     gan: "truncation" (> 0; z entries beyond it redrawn, models/gan.py; default none),
+     vq:  "top_p" (0, 1] (default 0.9), "temperature" (0, 2] (default 1.0),
+     t2i: "guidance_scale", "steps"}
+    -> {"created": unix time, "data": [{"b64_json": PNG in base64, "revised_prompt": str, "seed": int}, ...],
+        "model", "size", "output_format": "png", "forgeline": {"model_dir", "seed", "generate_ms", ...}}
+
+The models:
+- gan: gan_train's generator (DCGAN, face renders); unconditional. Its one size is what it was trained at
+  (configs/gan_train.yaml: 32x32). Folder: FORGELINE_GAN_MODEL, else data/gan_train/<the loss with the
+  lowest FID in data/gan_eval/metrics.json>, else data/gan_train/nonsaturating.
+- vq: the chapter 8 serving path: generation (vq_prior's GPT continues [START] by grid x grid codes
+  through models/sampling.py, top-p and temperature) -> decoding (vq_train's VQ-VAE) -> super-resolution
+  (vq_upsample's 2x network). Unconditional. Sizes: the tokenizer's (32x32, no super-resolution) and twice
+  it (64x64, the default: the whole path). Folders: FORGELINE_VQ_TOKENIZER (data/vq_train),
+  FORGELINE_VQ_PRIOR (data/vq_prior), FORGELINE_VQ_UPSAMPLER (data/vq_upsample; read only for 2x).
+- t2i: not served yet (answers 503).
+
+gan and vq do not read the prompt (it may be empty): their `revised_prompt` is "" (the prompt the image
+was made from) and forgeline.conditioned is false. Image i of a request is drawn with seed + i
+(`seed` random when not given; echoed back), so a request is reproducible and image i equals image 0
+of the same request with seed + i.
+
+Errors are OpenAI's error object: 400 a bad field (n over MAX_N, a size the model does not make,
+response_format "url": nothing is stored to link to, an unknown or misplaced argument), 404 an unknown
+model, 413 a body over MAX_BODY, 503 a model not trained yet (naming the stage to run) or more than
+MAX_QUEUED requests waiting. Models load at their first request (thread-safe); generation runs in the
+thread pool, MAX_CONCURRENT at a time, so parallel requests queue instead of multiplying memory.
+
+    curl -s 127.0.0.1:8000/v1/images/generations -H 'content-type: application/json' \\
+         -d '{"model": "gan", "prompt": "", "n": 4, "seed": 7}' | jq -r '.data[0].b64_json' | base64 -d > face.png
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load_model
+
+from forgeline.checkpoint import load_model_folder
+from forgeline.paths import DATA
+from models.gan import GANConfig, Generator, sample_z
+from models.sampling import GenerationConfig, generate
+from models.upsampler import Upsampler, UpsamplerConfig
+from models.vqvae import VQVAE, VQVAEConfig
+from serve.page import error, json_object
+
+MODELS = ("gan", "vq", "t2i")
+DEFAULT_MODEL = "gan"
+MAX_N = 8                   # images per request: 8 x 64x64 is ~1 s of the VQ path on one core
+MAX_PROMPT_CHARS = 1000     # dall-e-2's limit
+MAX_BODY = 16 * 1024        # bytes: a 1,000-character prompt and every option fit many times over
+MAX_SEED = 2 ** 32 - 1
+MAX_CONCURRENT = 1          # generations at a time (each uses every torch thread)
+MAX_QUEUED = 16             # requests waiting for a slot; beyond: 503, try later
+EXTRAS = {"gan": ("truncation",), "vq": ("top_p", "temperature"), "t2i": ("guidance_scale", "steps")}
+
+
+class ImageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    model: str = DEFAULT_MODEL
+    n: int = Field(1, ge=1, le=MAX_N)
+    size: str | None = None                 # None or "auto": the model's largest
+    response_format: str = "b64_json"
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    user: str | None = None                 # OpenAI's end-user id: accepted, not used
+    truncation: float | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, gt=0, le=2)
+    guidance_scale: float | None = Field(None, ge=0, le=50)
+    steps: int | None = Field(None, ge=1, le=1000)
+
+
+class Unavailable(Exception):
+    """A model folder is missing: 503 with the stage to run."""
+
+
+def _load(folder: Path, model_cls, config_cls, weights: str = "model.safetensors"):
+    """A stage's folder (config.json of `config_cls` + safetensors weights) -> `model_cls` in eval mode, no pickle."""
+    model = model_cls(config_cls(**json.loads((folder / "config.json").read_text())))
+    load_model(model, str(folder / weights))
+    return model.eval()
+
+
+def _need(folder: Path, file: str, stage: str, pipeline: str) -> Path:
+    if not (folder / file).is_file():
+        raise Unavailable(f"no {stage} model at {folder}: run the {stage} stage (`forgeline run {pipeline}`, "
+                          f"or `dvc repro {stage}`)")
+    return folder
+
+
+def to_png(images: torch.Tensor) -> list[str]:
+    """(N, 3, S, S) in [-1, 1] -> N base64 PNGs."""
+    pix = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = []
+    for p in pix:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(p)).save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+@dataclass
+class GanModel:
+    generator: Generator
+    size: int
+    folder: Path
+    conditioned = False
+
+    @staticmethod
+    def folder_default() -> Path:
+        if os.environ.get("FORGELINE_GAN_MODEL"):
+            return Path(os.environ["FORGELINE_GAN_MODEL"])
+        metrics, root = DATA / "gan_eval" / "metrics.json", DATA / "gan_train"
+        if metrics.is_file():   # the loss gan_eval scored best, among those trained
+            losses = json.loads(metrics.read_text()).get("losses", {})
+            ranked = sorted((r["fid"], loss) for loss, r in losses.items() if (root / loss).is_dir())
+            if ranked:
+                return root / ranked[0][1]
+        return root / "nonsaturating"
+
+    @classmethod
+    def load(cls) -> GanModel:
+        folder = _need(cls.folder_default(), "generator.safetensors", "gan_train", "gan")
+        g = _load(folder, Generator, GANConfig, "generator.safetensors")
+        return cls(g, json.loads((folder / "config.json").read_text())["image_size"], folder)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.size]
+
+    def run(self, req: ImageRequest, seeds: list[int], size: int) -> tuple[torch.Tensor, dict]:
+        # one z per seed: image i does not depend on n (BatchNorm in eval mode: no batch statistics)
+        z = torch.cat([sample_z(1, self.generator.z_dim, req.truncation, torch.Generator().manual_seed(s))
+                       for s in seeds])
+        return self.generator(z), {"truncation": req.truncation}
+
+
+@dataclass
+class VqModel:
+    vqvae: VQVAE
+    prior: torch.nn.Module
+    start: int
+    folder: Path
+    conditioned = False
+
+    @classmethod
+    def load(cls) -> VqModel:
+        tok = _need(Path(os.environ.get("FORGELINE_VQ_TOKENIZER") or DATA / "vq_train"), "model.safetensors",
+                    "vq_train", "vq")
+        prior = _need(Path(os.environ.get("FORGELINE_VQ_PRIOR") or DATA / "vq_prior"), "model.safetensors",
+                      "vq_prior", "vq")
+        vq = _load(tok, VQVAE, VQVAEConfig)
+        gpt = load_model_folder(prior)
+        start = json.loads((prior / "prior.json").read_text())["start_token"]
+        if gpt.config.vocab_size != vq.config.codebook_size + 1 or gpt.config.block_size < vq.config.tokens + 1:
+            raise Unavailable(f"the prior at {prior} was not trained on the tokenizer at {tok} "
+                              f"(vocabulary {gpt.config.vocab_size}, codebook {vq.config.codebook_size}): rerun vq_prior")
+        return cls(vq, gpt, start, prior)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.vqvae.config.image_size, 2 * self.vqvae.config.image_size]
+
+    def run(self, req: ImageRequest, seeds: list[int], size: int) -> tuple[torch.Tensor, dict]:
+        top_p = 0.9 if req.top_p is None else req.top_p   # vq_eval's best FID setting (README)
+        temperature = 1.0 if req.temperature is None else req.temperature
+        upsampler = MODELS_LOADED.get("vq_upsample") if size > self.vqvae.config.image_size else None
+        t0 = time.perf_counter()
+        codes = torch.tensor([generate(self.prior, [[self.start]], GenerationConfig(
+            max_new_tokens=self.vqvae.config.tokens, temperature=temperature, top_p=top_p, seed=s))[0] for s in seeds])
+        # a START token sampled where a code belongs (the prior never saw one there): code 0, counted
+        invalid = int((codes >= self.vqvae.config.codebook_size).sum())
+        codes = codes.masked_fill(codes >= self.vqvae.config.codebook_size, 0)
+        t1 = time.perf_counter()
+        images = self.vqvae.decode(codes)
+        t2 = time.perf_counter()
+        if upsampler is not None:
+            images = upsampler(images)
+        t3 = time.perf_counter()
+        return images, {"top_p": top_p, "temperature": temperature, "invalid_tokens": invalid,
+                        "stages_ms": {"generation": round(1000 * (t1 - t0), 1), "decoding": round(1000 * (t2 - t1), 1),
+                                      "super_resolution": round(1000 * (t3 - t2), 1) if upsampler else None}}
+
+
+def _load_upsampler() -> Upsampler:
+    folder = _need(Path(os.environ.get("FORGELINE_VQ_UPSAMPLER") or DATA / "vq_upsample"), "model.safetensors",
+                   "vq_upsample", "vq")
+    return _load(folder, Upsampler, UpsamplerConfig)
+
+
+def _load_t2i():
+    raise Unavailable("model t2i is not served yet: no text-to-image model folder format to load")
+
+
+LOADERS = {"gan": GanModel.load, "vq": VqModel.load, "vq_upsample": _load_upsampler, "t2i": _load_t2i}
+
+
+class _Loaded:
+    """Each model loaded once (thread-safe) at its first request; a missing folder is retried next time."""
+
+    def __init__(self):
+        self.lock, self.models = threading.Lock(), {}
+
+    def get(self, name: str):
+        with self.lock:
+            if name not in self.models:
+                self.models[name] = LOADERS[name]()
+            return self.models[name]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.models.clear()
+
+
+MODELS_LOADED = _Loaded()
+_slots = asyncio.Semaphore(MAX_CONCURRENT)
+_pending = 0                # requests generating or waiting to
+router = APIRouter()
+
+
+def _bad_field(e: ValidationError) -> JSONResponse:
+    err = e.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    if err["type"] == "extra_forbidden":
+        return error(400, f"Unrecognized request argument supplied: {param}", param)
+    got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+    return error(400, f"{param}: {err['msg']}{got}", param)
+
+
+@router.post("/v1/images/generations")
+async def generations(request: Request) -> JSONResponse:
+    global _pending
+    data = await json_object(request, MAX_BODY)
+    if isinstance(data, JSONResponse):
+        return data
+    try:
+        req = ImageRequest(**data)
+    except ValidationError as e:
+        return _bad_field(e)
+    if req.model not in MODELS:
+        return error(404, f"The model {req.model!r} does not exist: one of {', '.join(MODELS)}", "model",
+                     "model_not_found")
+    if req.response_format != "b64_json":
+        return error(400, f"response_format {req.response_format!r} is not supported: only 'b64_json' (the service "
+                          "stores no images to link to)", "response_format")
+    for owner, names in EXTRAS.items():
+        for name in names:
+            if owner != req.model and getattr(req, name) is not None:
+                return error(400, f"{name} applies to model {owner}, not {req.model}", name)
+    try:
+        model = await run_in_threadpool(MODELS_LOADED.get, req.model)
+    except Unavailable as e:
+        return error(503, str(e), "model", "model_not_trained")
+    size = max(model.sizes)
+    if req.size not in (None, "auto"):
+        m = re.fullmatch(r"(\d+)x(\d+)", req.size)
+        if not m or m[1] != m[2] or int(m[1]) not in model.sizes:
+            return error(400, f"size {req.size!r} is not supported by model {req.model}: one of "
+                              f"{', '.join(f'{s}x{s}' for s in model.sizes)}", "size")
+        size = int(m[1])
+    if req.model == "vq" and size > model.sizes[0]:
+        try:
+            await run_in_threadpool(MODELS_LOADED.get, "vq_upsample")
+        except Unavailable as e:
+            return error(503, f"{e} (or ask for size {model.sizes[0]}x{model.sizes[0]}: no super-resolution)",
+                         "size", "model_not_trained")
+    seed = secrets.randbelow(MAX_SEED - MAX_N) if req.seed is None else req.seed
+    seeds = [seed + i for i in range(req.n)]
+
+    def run() -> tuple[list[str], dict, float]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            images, info = model.run(req, seeds, size)
+        return to_png(images), info, time.perf_counter() - t0
+
+    if _pending >= MAX_CONCURRENT + MAX_QUEUED:
+        return error(503, f"{MAX_QUEUED} image requests are already waiting: try again later", code="server_busy")
+    _pending += 1   # one event loop: no race between the check and the count
+    try:
+        async with _slots:
+            pngs, info, seconds = await run_in_threadpool(run)
+    finally:
+        _pending -= 1
+    prompt = req.prompt if model.conditioned else ""
+    return JSONResponse({
+        "created": int(time.time()), "model": req.model, "size": f"{size}x{size}", "output_format": "png",
+        "data": [{"b64_json": png, "revised_prompt": prompt, "seed": s} for png, s in zip(pngs, seeds)],
+        "forgeline": {"model_dir": str(model.folder), "seed": seed, "conditioned": model.conditioned,
+                      "generate_ms": round(1000 * seconds, 1), **info}})
