@@ -26,7 +26,8 @@ from forgeline.feedback import append_record, make_record
 PAGE = Path(__file__).parent / "page"
 ASSETS = {"chat.js": "text/javascript", "chat.css": "text/css",
           "rag.js": "text/javascript",       # Documents mode: questions to the RAG index (serve/rag.py)
-          "compose.js": "text/javascript"}   # Smart Compose ghost text (serve/compose.py)
+          "compose.js": "text/javascript",   # Smart Compose ghost text (serve/compose.py)
+          "images.js": "text/javascript"}    # the Images section (serve/images.py)
 MAX_BODY = 256 * 1024    # bytes: a long conversation and its reply fit many times over
 FIELDS = {"id", "session", "messages", "reply", "rating", "better", "model", "model_version"}
 
