@@ -9,10 +9,16 @@ features (the real faces' value beside it). Then FID and diversity against the t
 threshold (z entries beyond it redrawn, models/gan.py's `sample_z`), one curve per loss, and sample
 grids: random, and truncated at `truncation`.
 
-Writes data/gan_eval/: metrics.json, report.md (the table minimax vs nonsaturating vs wgan-gp),
+`domain: fashion` scores gan_fashion_train's generators the same way on Fashion-MNIST (the
+gan_fashion_eval stage, configs/gan_fashion_eval.yaml): the real images are the first `samples` of
+the test split (the package's t10k part), the network img_eval_net's fashion model, IS and coverage
+read its 10-class head (the mode-collapse indicator = share of the 10 classes 1,000 samples cover).
+
+Writes <out_dir>/: metrics.json, report.md (the table minimax vs nonsaturating vs wgan-gp),
 truncation.png, samples_<loss>.png, samples_<loss>_truncated.png.
 
     python -m tasks.gan_eval [key=value ...]
+    python -m tasks.gan_eval config=configs/gan_fashion_eval.yaml       # the gan_fashion_eval stage
 """
 from __future__ import annotations
 
@@ -29,15 +35,20 @@ from safetensors.torch import load_model
 
 from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.image_metrics import extractor, generation_scores, load_eval_net
-from forgeline.images import to_tensor
+from forgeline.images import FASHION_LABELS, load_images, to_tensor
 from forgeline.workspace import run_stage
 from models.gan import GANConfig, Generator, sample_z
 
 
+HEADS = {"faces": "joint", "fashion": "class"}   # per domain, the eval net's head that IS and coverage read
+WHAT = {"faces": "faces", "fashion": "Fashion-MNIST images"}
+
+
 @dataclass
 class GanEvalConfig:
-    data_dir: str = "data/gan_data"
-    eval_net: str = "data/gan_eval_net"
+    domain: str = "faces"               # faces | fashion: as gan_train's
+    data_dir: str = "data/gan_data"     # faces: gan_data's folder; fashion: img_data's
+    eval_net: str = "data/gan_eval_net" # an eval net model folder (fashion: data/img_eval_net/fashion)
     train_dir: str = "data/gan_train"
     out_dir: str = "data/gan_eval"
     samples: int = 1000                 # per generator, and as many real faces
@@ -49,6 +60,19 @@ class GanEvalConfig:
     def check(self) -> None:
         if self.samples < 4 or self.truncation <= 0 or not self.thresholds or min(self.thresholds) <= 0:
             raise ConfigError("gan_eval: samples >= 4, truncation > 0, thresholds > 0")
+        if self.domain not in HEADS:
+            raise ConfigError(f"gan_eval: domain={self.domain!r}: one of {sorted(HEADS)}")
+
+
+def real_test(cfg: GanEvalConfig, size: int) -> torch.Tensor:
+    """The first cfg.samples test images of the domain, (N, 3, size, size) in [-1, 1]."""
+    manifest = pd.read_parquet(Path(cfg.data_dir) / "manifest.parquet")
+    if cfg.domain == "fashion":
+        part = manifest[(manifest["source"] == "fashion") & (manifest["split"] == "test")][:cfg.samples]
+        return to_tensor(load_images(part["file"].tolist(), part["index"].tolist(), cfg.data_dir), size)
+    test = manifest.loc[manifest["split"] == "test", "index"].to_numpy()
+    with np.load(Path(cfg.data_dir) / f"faces{size}.npz", allow_pickle=False) as z:
+        return to_tensor(z["images"][test[:cfg.samples]], size)
 
 
 def load_generator(folder: Path) -> Generator:
@@ -78,6 +102,13 @@ def coverage(net, heads: dict[str, list[str]], x: torch.Tensor) -> dict[str, flo
     return {h: len(set(logits[h].argmax(-1).tolist())) / len(names) for h, names in heads.items()}
 
 
+@torch.no_grad()
+def class_shares(net, head: str, names: list[str], x: torch.Tensor) -> dict[str, float]:
+    """Share of the images `head` assigns to each class: coverage says which classes appear, this how evenly."""
+    counts = torch.bincount(net(x)[head].argmax(-1), minlength=len(names)).double() / len(x)
+    return {name: round(c.item(), 4) for name, c in zip(names, counts)}
+
+
 def to_grid(x: torch.Tensor, n: int) -> np.ndarray:
     """(n*n, 3, S, S) in [-1, 1] -> (n*S, n*S, 3) uint8."""
     img = ((x[:n * n].clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -102,7 +133,7 @@ def plot_truncation(rows: dict[str, list[dict]], real_diversity: float, path: Pa
         t = [p["threshold"] for p in pts]
         ax_f.plot(t, [p["fid"] for p in pts], marker="o", label=loss)
         ax_d.plot(t, [p["diversity"] for p in pts], marker="o", label=loss)
-    ax_d.axhline(real_diversity, color="grey", linestyle="--", label="real faces")
+    ax_d.axhline(real_diversity, color="grey", linestyle="--", label="real images")
     for ax, title in ((ax_f, "FID vs truncation threshold"), (ax_d, "diversity (mean pairwise feature distance)")):
         ax.set_xlabel("threshold (|z| redrawn beyond it)")
         ax.set_title(title)
@@ -115,22 +146,21 @@ def gan_eval(cfg: GanEvalConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net = load_eval_net(cfg.eval_net)
-    ext = extractor(net, "joint", cfg.eval_net)
-    heads = json.loads((Path(cfg.eval_net) / "attributes.json").read_text())
+    ext = extractor(net, HEADS[cfg.domain], cfg.eval_net)
+    heads = ({"class": list(FASHION_LABELS)} if cfg.domain == "fashion"
+             else json.loads((Path(cfg.eval_net) / "attributes.json").read_text()))
     folders = sorted(p.parent for p in Path(cfg.train_dir).glob("*/generator.safetensors"))
     if not folders:
         raise FileNotFoundError(f"{cfg.train_dir}: no generator folders (run gan_train)")
     size = GANConfig(**json.loads((folders[0] / "config.json").read_text())).image_size
-    manifest = pd.read_parquet(Path(cfg.data_dir) / "manifest.parquet")
-    with np.load(Path(cfg.data_dir) / f"faces{size}.npz", allow_pickle=False) as z:
-        pixels = z["images"]
-    test = manifest.loc[manifest["split"] == "test", "index"].to_numpy()
-    real = to_tensor(pixels[test[:cfg.samples]], size)
+    real = real_test(cfg, size)
     with torch.no_grad():
         real_div = diversity(ext.features(real))
+    head = HEADS[cfg.domain]
     result = {"real": {"images": len(real), "diversity": real_div, "coverage": coverage(net, heads, real),
+                       "class_shares": class_shares(net, head, heads[head], real),
                        "inception_score": generation_scores(ext, real, real)["inception_score"]},
-              "extractor": ext.name, "losses": {}}
+              "extractor": ext.name, "domain": cfg.domain, "head": HEADS[cfg.domain], "losses": {}}
     sweep = {}
     for folder in folders:
         loss = folder.name
@@ -142,6 +172,7 @@ def gan_eval(cfg: GanEvalConfig) -> dict:
         train = json.loads((folder / "summary.json").read_text())
         history = json.loads((folder / "history.json").read_text())
         result["losses"][loss] = {**scores, "diversity": div, "coverage": coverage(net, heads, fake),
+                                  "class_shares": class_shares(net, head, heads[head], fake),
                                   "steps": train["steps"], "d_steps_per_g_step": train["d_steps_per_g_step"],
                                   "train_seconds": train["train_seconds"], "fid_over_training": history["eval"]}
         sweep[loss] = []
@@ -153,7 +184,8 @@ def gan_eval(cfg: GanEvalConfig) -> dict:
         save_grid(fake, cfg.grid, out / f"samples_{loss}.png")
         save_grid(generate(g, cfg.grid ** 2, cfg.seed, cfg.truncation), cfg.grid, out / f"samples_{loss}_truncated.png")
         print(f"gan_eval/{loss}: FID {scores['fid']:.2f} (floor {scores['fid_floor']:.2f}) "
-              f"IS {scores['inception_score']:.2f} coverage {result['losses'][loss]['coverage']['joint']:.3f}", flush=True)
+              f"IS {scores['inception_score']:.2f} coverage {result['losses'][loss]['coverage'][HEADS[cfg.domain]]:.3f}",
+              flush=True)
     result["truncation"] = sweep
     plot_truncation(sweep, real_div, out / "truncation.png")
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -162,21 +194,32 @@ def gan_eval(cfg: GanEvalConfig) -> dict:
 
 
 def report(r: dict, cfg: GanEvalConfig) -> str:
-    real = r["real"]
-    lines = [f"# Face GAN: {cfg.samples} samples per generator vs {real['images']} held-out faces",
-             "", f"Scores through `{r['extractor']}`. Coverage = share of the 36 (face, skin, hair) classes the "
-             "samples are classified as (the mode-collapse indicator); attribute coverage = mean over the 8 "
-             "attributes of the share of their classes present.", "",
-             "| loss | D steps per G step | G steps | train s | FID | FID floor | IS | joint coverage | attribute coverage | diversity |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    attrs = [h for h in real["coverage"] if h != "joint"]
+    real, head, what = r["real"], HEADS[cfg.domain], WHAT[cfg.domain]
+    attrs = [h for h in real["coverage"] if h != head]   # the faces' 8 attributes; none for fashion
+    if attrs:
+        intro = ("Coverage = share of the 36 (face, skin, hair) classes the samples are classified as (the "
+                 "mode-collapse indicator); attribute coverage = mean over the 8 attributes of the share of "
+                 "their classes present.")
+    else:
+        intro = (f"Coverage = share of the {len(FASHION_LABELS)} Fashion-MNIST classes the samples are "
+                 "classified as (the mode-collapse indicator).")
+    lines = [f"# {'Face' if cfg.domain == 'faces' else 'Fashion-MNIST'} GAN: {cfg.samples} samples per generator "
+             f"vs {real['images']} held-out {what}", "", f"Scores through `{r['extractor']}`. {intro}", "",
+             f"| loss | D steps per G step | G steps | train s | FID | FID floor | IS | {head} coverage |"
+             + (" attribute coverage |" if attrs else "") + " diversity |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if attrs else "")]
+    attr_cell = lambda cov: f" {np.mean([cov[h] for h in attrs]):.3f} |" if attrs else ""  # noqa: E731
     for loss, m in r["losses"].items():
-        attr_cov = np.mean([m["coverage"][h] for h in attrs])
         lines.append(f"| {loss} | {m['d_steps_per_g_step']} | {m['steps']} | {m['train_seconds']:.0f} | {m['fid']:.2f} | "
-                     f"{m['fid_floor']:.2f} | {m['inception_score']:.2f} | {m['coverage']['joint']:.3f} | "
-                     f"{attr_cov:.3f} | {m['diversity']:.3f} |")
-    lines.append(f"| real faces | | | | | | {real['inception_score']:.2f} | {real['coverage']['joint']:.3f} | "
-                 f"{np.mean([real['coverage'][h] for h in attrs]):.3f} | {real['diversity']:.3f} |")
+                     f"{m['fid_floor']:.2f} | {m['inception_score']:.2f} | {m['coverage'][head]:.3f} |"
+                     f"{attr_cell(m['coverage'])} {m['diversity']:.3f} |")
+    lines.append(f"| real {what} | | | | | | {real['inception_score']:.2f} | {real['coverage'][head]:.3f} |"
+                 f"{attr_cell(real['coverage'])} {real['diversity']:.3f} |")
+    if not attrs:
+        lines += ["", f"Share of the samples per class (`{head}` head's argmax):", "",
+                  "| | " + " | ".join(real["class_shares"]) + " |", "|---|" + "---|" * len(real["class_shares"])]
+        for name, m in [*r["losses"].items(), (f"real {what}", real)]:
+            lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in m["class_shares"].values()) + " |")
     lines += ["", "FID against the truncation threshold (lower threshold = z nearer 0):", "",
               "| loss | " + " | ".join(str(t) for t in cfg.thresholds) + " |", "|---|" + "---|" * len(cfg.thresholds)]
     for loss, pts in r["truncation"].items():
@@ -195,16 +238,16 @@ def main(argv: list[str] | None = None) -> None:
         r = gan_eval(cfg)
         for loss, m in r["losses"].items():
             mlflow.log_metrics({f"{loss}.fid": m["fid"], f"{loss}.fid_floor": m["fid_floor"],
-                                f"{loss}.inception_score": m["inception_score"], f"{loss}.coverage": m["coverage"]["joint"],
+                                f"{loss}.inception_score": m["inception_score"], f"{loss}.coverage": m["coverage"][r["head"]],
                                 f"{loss}.diversity": m["diversity"]})
         for p in sorted(Path(cfg.out_dir).glob("*.png")) + [Path(cfg.out_dir) / "report.md"]:
             mlflow.log_artifact(str(p))
     print(json.dumps({loss: {k: m[k] for k in ("fid", "fid_floor", "inception_score")} for loss, m in r["losses"].items()}))
 
 
-@task(name="gan_eval")
-def gan_eval_task(run: dict[str, str]) -> dict:
-    return run_stage("gan_eval", **run)
+@task(name="gan_eval", task_run_name="{stage}")
+def gan_eval_task(run: dict[str, str], stage: str = "gan_eval") -> dict:
+    return run_stage(stage, **run)
 
 
 if __name__ == "__main__":

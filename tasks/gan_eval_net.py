@@ -7,8 +7,18 @@ cover) read. Trained on the train split with horizontal flips (every attribute i
 symmetric), measured on the held-out test split. Also measures, as the reference for every
 generator report, the real-vs-real FID floor and the real test images' IS and coverage.
 
+With `lfw` on, a small check of the classifier on real faces: skimage.data.lfw_subset (shipped in
+scikit-image's wheel: 200 grey 25x25 crops from Labeled Faces in the Wild, the first 100 faces, the
+other 100 non-face background patches; no attribute labels), resized to `image_size` and repeated to
+RGB. LFW labels none of our attributes, so it reports what can be read honestly: per head the
+distribution of predicted classes on the faces and on the non-faces (and the total variation distance
+between the two), the joint head's confidence (mean max probability) on LFW faces, non-faces and on
+the synthetic test faces (the domain gap), how well that confidence alone tells faces from non-faces
+(ROC AUC), and whether the network's features separate them (leave-one-out nearest-centroid
+accuracy), beside the same on raw pixels.
+
 Writes data/gan_eval_net/: config.json + model.safetensors (forgeline/image_metrics.py's model
-folder, no pickle), attributes.json (head -> class names), history.json, metrics.json.
+folder, no pickle), attributes.json (head -> class names), history.json, metrics.json, report.md.
 
     python -m tasks.gan_eval_net [key=value ...]
 """
@@ -52,6 +62,7 @@ class GanEvalNetConfig:
     weight_decay: float = 1e-4
     log_interval: int = 100
     floor_images: int = 1000        # test images for the FID floor (two halves) and the real IS/coverage
+    lfw: bool = True                # the skimage.data.lfw_subset check (module docstring)
     seed: int = 1337
 
     def check(self) -> None:
@@ -91,6 +102,72 @@ def accuracy(model: EvalNet, x: torch.Tensor, labels: dict[str, torch.Tensor], b
     out = {h: r.float().mean().item() for h, r in right.items()}
     out["all"] = torch.stack([right[h] for h in labels if h != "joint"]).all(0).float().mean().item()
     return out
+
+
+def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """ROC AUC of a score: P(score of a positive > score of a negative), ties counting half."""
+    diff = pos[:, None] - neg[None, :]
+    return ((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()).item()
+
+
+def nearest_centroid_loo(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Leave-one-out accuracy of a two-class nearest-centroid rule on standardised vectors x (N, D), y bool."""
+    x = x.double()
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    right = 0
+    for i in range(len(x)):
+        keep = torch.arange(len(x)) != i
+        pos, neg = x[keep & y].mean(0), x[keep & ~y].mean(0)
+        right += int(((x[i] - pos).norm() < (x[i] - neg).norm()) == y[i])
+    return right / len(x)
+
+
+@torch.no_grad()
+def lfw_check(model: EvalNet, heads: dict[str, list[str]], size: int, synthetic: torch.Tensor) -> dict:
+    """The classifier on skimage.data.lfw_subset's 100 real faces and 100 non-faces (module docstring)."""
+    from skimage.data import lfw_subset
+
+    pixels = (lfw_subset() * 255).round().astype(np.uint8)        # (200, 25, 25) float [0, 1] -> uint8 grey
+    x = to_tensor(pixels, size)
+    is_face = torch.arange(len(x)) < 100                           # the first 100 are faces (its docs)
+    model.eval()
+    logits = model(x)
+    predicted, tv = {}, {}
+    for h, names in heads.items():
+        pred = logits[h].argmax(-1)
+        share = {g: torch.bincount(pred[m], minlength=len(names)).double() / int(m.sum())
+                 for g, m in (("faces", is_face), ("non_faces", ~is_face))}
+        predicted[h] = {g: {names[i]: round(v[i].item(), 3) for i in v.argsort(descending=True).tolist() if v[i] > 0}
+                        for g, v in share.items()}
+        tv[h] = 0.5 * (share["faces"] - share["non_faces"]).abs().sum().item()
+    conf = logits["joint"].softmax(-1).max(-1).values
+    synth = torch.cat([model(synthetic[i:i + 500])["joint"] for i in range(0, len(synthetic), 500)])
+    return {"images": len(x), "faces": int(is_face.sum()), "non_faces": int((~is_face).sum()), "size": size,
+            "predicted": predicted, "total_variation": tv,
+            "joint_confidence": {"lfw_faces": conf[is_face].mean().item(), "lfw_non_faces": conf[~is_face].mean().item(),
+                                 "synthetic_faces": synth.softmax(-1).max(-1).values.mean().item()},
+            "confidence_auc": auc(conf[is_face], conf[~is_face]),
+            "features_nearest_centroid": nearest_centroid_loo(model.features(x), is_face),
+            "pixels_nearest_centroid": nearest_centroid_loo(x.flatten(1), is_face)}
+
+
+def lfw_report(r: dict) -> str:
+    c = r["joint_confidence"]
+    lines = ["## skimage.data.lfw_subset: the classifier on real faces", "",
+             f"{r['faces']} real face crops and {r['non_faces']} non-face patches (grey 25x25, resized to "
+             f"{r['size']}x{r['size']}, grey as RGB). LFW labels none of the attributes: no accuracy can be measured.", "",
+             f"- joint-head confidence (mean max probability): LFW faces {c['lfw_faces']:.3f}, LFW non-faces "
+             f"{c['lfw_non_faces']:.3f}, synthetic test faces {c['synthetic_faces']:.3f}",
+             f"- that confidence as a face detector: ROC AUC {r['confidence_auc']:.3f} (0.5 = no separation)",
+             f"- leave-one-out nearest-centroid accuracy, faces vs non-faces: on the network's features "
+             f"{r['features_nearest_centroid']:.3f}, on raw pixels {r['pixels_nearest_centroid']:.3f}", "",
+             "| head | predicted on LFW faces (share) | predicted on non-faces (share) | total variation |",
+             "|---|---|---|---|"]
+    top = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in list(d.items())[:3])  # noqa: E731
+    for h, p in r["predicted"].items():
+        if h != "joint":
+            lines.append(f"| {h} | {top(p['faces'])} | {top(p['non_faces'])} | {r['total_variation'][h]:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def lr_at(step: int, cfg: GanEvalNetConfig) -> float:
@@ -157,7 +234,15 @@ def gan_eval_net(cfg: GanEvalNetConfig, log=None) -> dict:
                "real_inception_score": inception_score(real_logits)[0],
                "real_coverage": coverage(real_logits, len(heads["joint"])), "joint_classes": len(heads["joint"]),
                "seconds": time.perf_counter() - t0}
+    acc = summary["test_accuracy"]
+    text = (f"# gan_eval_net: the faces' attribute classifier\n\nHeld-out accuracy on {len(x['test'])} synthetic "
+            "faces: " + ", ".join(f"{h} {v:.3f}" for h, v in acc.items()) + f"; FID floor {summary['fid_floor']:.2f}, "
+            f"real IS {summary['real_inception_score']:.2f}.\n")
+    if cfg.lfw:
+        summary["lfw"] = lfw_check(model, heads, cfg.image_size, x["test"])
+        text += "\n" + lfw_report(summary["lfw"])
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "report.md").write_text(text)
     return summary
 
 
@@ -171,7 +256,14 @@ def main(argv: list[str] | None = None) -> None:
         summary = gan_eval_net(cfg, log=lambda step, m: mlflow.log_metrics(m, step=step))
         mlflow.log_metrics({f"test_accuracy.{h}": v for h, v in summary["test_accuracy"].items()})
         mlflow.log_metrics({k: summary[k] for k in ("fid_floor", "real_inception_score", "real_coverage")})
-        mlflow.log_artifact(str(Path(cfg.out_dir) / "metrics.json"))
+        if "lfw" in summary:
+            lfw = summary["lfw"]
+            mlflow.log_metrics({"lfw.confidence_auc": lfw["confidence_auc"],
+                                "lfw.features_nearest_centroid": lfw["features_nearest_centroid"],
+                                "lfw.pixels_nearest_centroid": lfw["pixels_nearest_centroid"],
+                                **{f"lfw.confidence.{k}": v for k, v in lfw["joint_confidence"].items()}})
+        for name in ("metrics.json", "report.md"):
+            mlflow.log_artifact(str(Path(cfg.out_dir) / name))
     print(json.dumps({k: summary[k] for k in ("test_accuracy", "fid_floor", "real_inception_score", "real_coverage")}))
 
 

@@ -1,4 +1,9 @@
-"""gan_train: DCGAN on the faces (models/gan.py), one run per loss on the same budget.
+"""gan_train: DCGAN on the faces or on Fashion-MNIST (models/gan.py), one run per loss on the same budget.
+
+`domain` picks the images: `faces` (gan_data's renders, scored through gan_eval_net's joint head) or
+`fashion` (the Fashion-MNIST rows of img_data's manifest, 28x28 grey resized to `image_size` and
+repeated to RGB, scored through img_eval_net's fashion network and its 10-class head); the pipeline
+runs this module twice, as gan_train and as gan_fashion_train (configs/gan_fashion_train.yaml).
 
 Each loss in `losses` (minimax, nonsaturating, wgan-gp) trains its own generator and discriminator
 (the critic for wgan-gp) from the same seed for `steps` generator steps, each after `d_steps`
@@ -7,7 +12,7 @@ gan_eval's table compares losses alone. The chapter's stability aids are options
 learning rates (`lr_g`, `lr_d`), instance noise on the discriminator's inputs (std `instance_noise`
 annealed linearly to 0), weight decay. A batch (its real faces and its z) is a pure function of
 (seed, step, k); every `eval_interval` steps FID and IS of `eval_samples` samples are measured
-through gan_eval_net's network (forgeline/image_metrics.py), the curves that gan_eval plots.
+through the domain's evaluation network (forgeline/image_metrics.py), the curves that gan_eval plots.
 
 Full-state checkpoints (G and D weights, both optimizers, RNGs, history) under
 checkpoints/gan_train/<key>/<loss>/ (forgeline/checkpoint.py); a rerun resumes from the newest.
@@ -15,6 +20,7 @@ Writes data/gan_train/<loss>/: generator.safetensors + config.json (no pickle), 
 summary.json, and data/gan_train/curves.png (losses and FID per step, every loss).
 
     python -m tasks.gan_train [key=value ...]
+    python -m tasks.gan_train config=configs/gan_fashion_train.yaml     # the gan_fashion_train stage
 """
 from __future__ import annotations
 
@@ -35,15 +41,18 @@ from safetensors.torch import save_model
 from forgeline.checkpoint import checkpoint_key, resume_training_state, save_training_state
 from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.image_metrics import extractor, generation_scores, load_eval_net
-from forgeline.images import to_tensor
+from forgeline.images import load_images, to_tensor
 from forgeline.workspace import run_stage
 from models.gan import LOSSES, Discriminator, GANConfig, Generator, d_loss, g_loss, gradient_penalty, init_weights, sample_z
+
+HEADS = {"faces": "joint", "fashion": "class"}   # per domain, the eval net's head that IS reads
 
 
 @dataclass
 class GanTrainConfig:
-    data_dir: str = "data/gan_data"
-    eval_net: str = "data/gan_eval_net"
+    domain: str = "faces"               # faces | fashion (HEADS)
+    data_dir: str = "data/gan_data"     # faces: gan_data's folder; fashion: img_data's (its manifest.parquet)
+    eval_net: str = "data/gan_eval_net" # an eval net model folder (fashion: data/img_eval_net/fashion)
     out_dir: str = "data/gan_train"
     ckpt_dir: str = "checkpoints/gan_train"
     losses: list[str] = field(default_factory=lambda: list(LOSSES))
@@ -51,6 +60,7 @@ class GanTrainConfig:
     z_dim: int = 64
     g_width: int = 32
     d_width: int = 32
+    train_images: int = 0               # the first n of the train split; 0 = all of it
     batch_size: int = 64
     steps: int = 1000                   # generator steps per loss
     d_steps: int = 1                    # discriminator steps per generator step (minimax, nonsaturating)
@@ -77,6 +87,10 @@ class GanTrainConfig:
                 raise ConfigError(f"gan_train: {name} must be >= 1")
         if not self.losses or set(self.losses) - set(LOSSES):
             raise ConfigError(f"gan_train: losses must be a non-empty subset of {LOSSES}")
+        if self.domain not in HEADS:
+            raise ConfigError(f"gan_train: domain={self.domain!r}: one of {sorted(HEADS)}")
+        if self.train_images < 0:
+            raise ConfigError("gan_train: train_images >= 0 (0 = the whole train split)")
         if self.image_size not in (32, 64):
             raise ConfigError("gan_train: image_size is 32 or 64 (gan_data's two renders)")
         if self.instance_noise < 0 or self.weight_decay < 0 or len(self.wgan_betas) != 2:
@@ -110,12 +124,16 @@ class Optimizers:
         self.d.load_state_dict(state["d"])
 
 
-def real_faces(cfg: GanTrainConfig, split: str) -> torch.Tensor:
-    """(N, 3, S, S) in [-1, 1]: the split's faces at the training size."""
+def real_images(cfg: GanTrainConfig, split: str, limit: int = 0) -> torch.Tensor:
+    """(N, 3, S, S) in [-1, 1]: the domain's split (its first `limit` rows if > 0) at the training size."""
     manifest = pd.read_parquet(Path(cfg.data_dir) / "manifest.parquet")
+    if cfg.domain == "fashion":
+        part = manifest[(manifest["source"] == "fashion") & (manifest["split"] == split)]
+        part = part[:limit] if limit else part
+        return to_tensor(load_images(part["file"].tolist(), part["index"].tolist(), cfg.data_dir), cfg.image_size)
+    rows = manifest.loc[manifest["split"] == split, "index"].to_numpy()
     with np.load(Path(cfg.data_dir) / f"faces{cfg.image_size}.npz", allow_pickle=False) as z:
-        pixels = z["images"]
-    return to_tensor(pixels[manifest.loc[manifest["split"] == split, "index"].to_numpy()], cfg.image_size)
+        return to_tensor(z["images"][rows[:limit] if limit else rows], cfg.image_size)
 
 
 @torch.no_grad()
@@ -247,12 +265,12 @@ def plot_curves(histories: dict[str, dict], path: Path) -> None:
 
 
 def gan_train(cfg: GanTrainConfig, log=None) -> dict:
-    train_x = real_faces(cfg, "train")
+    train_x = real_images(cfg, "train", cfg.train_images)
     net = load_eval_net(cfg.eval_net)
-    ext = extractor(net, "joint", cfg.eval_net)
-    real = real_faces(cfg, "test")[:1000]
+    ext = extractor(net, HEADS[cfg.domain], cfg.eval_net)
+    real = real_images(cfg, "test", 1000)
     scorer = lambda fake: generation_scores(ext, real, fake)  # noqa: E731
-    summary = {"losses": {}, "train_images": len(train_x), "image_size": cfg.image_size}
+    summary = {"domain": cfg.domain, "losses": {}, "train_images": len(train_x), "image_size": cfg.image_size}
     for loss in cfg.losses:
         summary["losses"][loss] = train_loss(cfg, loss, train_x, scorer, log)
     histories = {loss: json.loads((Path(cfg.out_dir) / loss / "history.json").read_text()) for loss in cfg.losses}
@@ -274,9 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(summary))
 
 
-@task(name="gan_train", retries=1, retry_delay_seconds=10)  # a retry resumes from the last checkpoint
-def gan_train_task(run: dict[str, str]) -> dict:
-    return run_stage("gan_train", **run)
+@task(name="gan_train", task_run_name="{stage}", retries=1, retry_delay_seconds=10)  # a retry resumes
+def gan_train_task(run: dict[str, str], stage: str = "gan_train") -> dict:
+    return run_stage(stage, **run)
 
 
 if __name__ == "__main__":

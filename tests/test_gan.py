@@ -16,6 +16,8 @@ from models.gan import Discriminator, GANConfig, Generator, d_loss, g_loss, grad
 from tests.conftest import cli_overrides, run_in, stage_lines
 
 TINY_DATA = ["train=96", "val=16", "test=48"]
+TINY_IMG = ["train_scenes=60", "val_scenes=10", "test_scenes=20", "fashion_train=300", "fashion_val=50",
+            "fashion_test=100"]
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +165,10 @@ def test_a_killed_run_resumes_to_the_same_weights(faces, tmp_path, loss):
 
     from safetensors.torch import load_file
 
-    from tasks.gan_train import real_faces, train_loss
+    from tasks.gan_train import real_images, train_loss
 
     cfg = tiny_train(faces, tmp_path, "instance_noise=0.1", "weight_decay=0.0001", "lr_d=0.0004")
-    x = real_faces(cfg, "train")
+    x = real_images(cfg, "train")
     first = train_loss(cfg, loss, x)
     assert first["resumed_at"] == -1 and first["steps"] == 4
     hist = json.loads((tmp_path / "out" / loss / "history.json").read_text())
@@ -188,8 +190,17 @@ TINY = {
     "gan_train": {"steps": 4, "batch_size": 8, "g_width": 8, "d_width": 8, "z_dim": 16, "ckpt_interval": 2,
                   "log_interval": 2, "eval_interval": 2, "eval_samples": 16, "critic_steps": 2},
     "gan_eval": {"samples": 40, "thresholds": "[0.5,2.0]", "grid": 4},
+    "img_data": dict(a.split("=") for a in TINY_IMG),
+    "img_validate": {"min_images": 50},
+    "img_eval_net": {"fashion_steps": 3, "scene_steps": 3, "batch_size": 16, "ckpt_interval": 2, "log_interval": 2,
+                     "floor_images": 40, "width": 8},
+    "gan_fashion_train": {"steps": 2, "batch_size": 8, "g_width": 8, "d_width": 8, "z_dim": 16, "ckpt_interval": 2,
+                          "log_interval": 2, "eval_interval": 2, "eval_samples": 16, "critic_steps": 2,
+                          "train_images": 64},
+    "gan_fashion_eval": {"samples": 40, "thresholds": "[1.0]", "grid": 2},
 }
-STAGES = ["gan_data", "gan_eval_net", "gan_train", "gan_eval"]
+STAGES = ["gan_data", "gan_eval_net", "gan_train", "gan_eval", "img_data", "img_validate", "img_eval_net",
+          "gan_fashion_train", "gan_fashion_eval"]
 
 
 @pytest.mark.slow
@@ -209,5 +220,86 @@ def test_pipeline_end_to_end_on_a_tiny_config(workspace):
     for name in ("truncation.png", "samples_minimax.png", "samples_wgan-gp_truncated.png"):
         assert (ws / "data" / "gan_eval" / name).stat().st_size > 1000
     assert (ws / "data" / "gan_train" / "curves.png").is_file()
+    assert net["lfw"]["images"] == 200 and "## skimage.data.lfw_subset" in (ws / "data" / "gan_eval_net" / "report.md").read_text()
+    fm = json.loads((ws / "data" / "gan_fashion_eval" / "metrics.json").read_text())
+    assert fm["domain"] == "fashion" and sorted(fm["losses"]) == ["nonsaturating", "wgan-gp"]
+    assert all(0 < r["coverage"]["class"] <= 1 and r["fid"] > 0 for r in fm["losses"].values())
+    assert "| real Fashion-MNIST images |" in (ws / "data" / "gan_fashion_eval" / "report.md").read_text()
     again = run_in(ws, "-m", "flows.gan", "--no-push", *cli_overrides(TINY))
     assert stage_lines(again.stdout, STAGES) == {s: "skipped" for s in STAGES}, again.stdout[-3000:]
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST and the LFW check
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    """img_data on a tiny configuration (its Fashion-MNIST rows are real) and an untrained 10-class eval net."""
+    from forgeline.image_metrics import save_eval_net
+    from models.eval_net import EvalNet, EvalNetConfig
+    from tasks.img_data import ImgDataConfig, img_data
+
+    root = tmp_path_factory.mktemp("fashion")
+    img_data(load_config(ImgDataConfig, "img_data", [f"out_dir={root}/img_data", *TINY_IMG]))
+    torch.manual_seed(0)
+    save_eval_net(root / "net", EvalNet(EvalNetConfig(image_size=32, width=8, heads={"class": 10})).eval())
+    return root
+
+
+def test_fashion_domain_trains_and_scores_on_a_tiny_batch(fashion, tmp_path):
+    from tasks.gan_eval import GanEvalConfig, gan_eval
+    from tasks.gan_train import gan_train, real_images
+
+    cfg = tiny_train(fashion, tmp_path, "domain=fashion", f"data_dir={fashion}/img_data", f"eval_net={fashion}/net",
+                     "train_images=40", "losses=[nonsaturating,wgan-gp]", "critic_steps=2")
+    x = real_images(cfg, "train", cfg.train_images)
+    assert x.shape == (40, 3, 32, 32) and -1 <= x.min() < x.max() <= 1
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])     # grey, repeated to RGB
+    assert real_images(cfg, "test", 1000).shape[0] == 100                        # the tiny test split, whole
+    summary = gan_train(cfg)
+    assert summary["domain"] == "fashion" and summary["train_images"] == 40
+    for loss in ("nonsaturating", "wgan-gp"):
+        hist = json.loads((tmp_path / "out" / loss / "history.json").read_text())
+        assert len(hist["train"]) == 4 and all(math.isfinite(v) for row in hist["train"] for v in row)
+        assert math.isfinite(hist["eval"][-1][1])
+    m = gan_eval(load_config(GanEvalConfig, "gan_eval", [
+        "domain=fashion", f"data_dir={fashion}/img_data", f"eval_net={fashion}/net", f"train_dir={tmp_path}/out",
+        f"out_dir={tmp_path}/eval", "samples=40", "thresholds=[1.0]", "grid=2"]))
+    assert m["head"] == "class" and m["real"]["images"] == 40
+    for r in m["losses"].values():
+        assert r["fid"] > 0 and r["coverage"]["class"] in {k / 10 for k in range(1, 11)}
+        assert sum(r["class_shares"].values()) == pytest.approx(1.0, abs=1e-3) and len(r["class_shares"]) == 10
+    assert "| real Fashion-MNIST images |" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_auc_and_nearest_centroid_on_known_cases():
+    from tasks.gan_eval_net import auc, nearest_centroid_loo
+
+    assert auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 0.0
+    assert auc(torch.ones(3), torch.ones(4)) == 0.5
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) < 20
+    apart = torch.randn(40, 5, generator=g) + 4.0 * y[:, None]
+    assert nearest_centroid_loo(apart, y) == 1.0
+    assert nearest_centroid_loo(torch.randn(40, 5, generator=g), y) < 0.8
+
+
+def test_lfw_check_reads_the_shipped_faces(faces):
+    from models.eval_net import EvalNet, EvalNetConfig
+    from tasks.gan_eval_net import head_classes, lfw_check, lfw_report
+
+    heads = head_classes(json.loads((faces / "gan_data" / "attributes.json").read_text()))
+    torch.manual_seed(0)
+    net = EvalNet(EvalNetConfig(image_size=32, width=8, heads={h: len(v) for h, v in heads.items()})).eval()
+    with np.load(faces / "gan_data" / "faces32.npz", allow_pickle=False) as z:
+        from forgeline.images import to_tensor
+        synthetic = to_tensor(z["images"][:48], 32)
+    r = lfw_check(net, heads, 32, synthetic)
+    assert (r["images"], r["faces"], r["non_faces"]) == (200, 100, 100)
+    for h, p in r["predicted"].items():
+        for group in ("faces", "non_faces"):
+            assert sum(p[group].values()) == pytest.approx(1.0, abs=0.01) and set(p[group]) <= set(heads[h])
+        assert 0 <= r["total_variation"][h] <= 1
+    assert 0 <= r["confidence_auc"] <= 1 and 0.5 <= r["pixels_nearest_centroid"] <= 1
+    assert "| hair_colour |" in lfw_report(r) and "## skimage.data.lfw_subset" in lfw_report(r)
