@@ -73,3 +73,51 @@ def generation_scores(ext: metrics.FeatureExtractor, real: torch.Tensor, fake: t
     real-vs-real floor at half the real sample's size (`fid_floor`)."""
     return {**metrics.image_generation_scores(ext, real, fake), "fid_floor": fid_floor(ext, real, seed),
             "real_images": len(real), "fake_images": len(fake)}
+
+
+# ----------------------------------------------------------------------------- attribute accuracy of generated scenes
+
+
+@torch.no_grad()
+def attribute_accuracy(model: EvalNet, images: torch.Tensor, labels: dict[str, torch.Tensor],
+                       batch_size: int = 256) -> dict[str, float]:
+    """Does each image show what its label asks, as the scenes eval net judges it. images (N, 3, s, s)
+    in [-1, 1], resized bilinearly to the net's size when s differs; labels {head: class ids (N,)}
+    in the net's heads and class order (img_eval_net's: count, then shape_/colour_/size_<slot>, "none" = 0).
+
+    A caption such as "a red circle left of a blue square" fixes the objects' order, not their slots,
+    so the objects are compared left to right: the occupied slots (shape head not "none") give the
+    predicted sequence. Per image, each 0 or 1: `count` the count head; `shape`, `colour`, `size` that
+    attribute's sequence equal to the label's; `all` count and every (shape, colour, size) in order;
+    `all_slots` the strict reading, every per-slot head right. Returned as shares of the N images."""
+    size = model.config.image_size
+    preds: dict[str, list[torch.Tensor]] = {h: [] for h in labels}
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        if x.size(-1) != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        for h, logits in model(x).items():
+            if h in preds:
+                preds[h].append(logits.argmax(-1))
+    return attribute_hits({h: torch.cat(p) for h, p in preds.items()}, labels)
+
+
+def attribute_hits(pred: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`attribute_accuracy`'s comparison of predicted class ids {head: (N,)} with the labels'."""
+    slots = [h.removeprefix("shape_") for h in labels if h.startswith("shape_")]   # left to right, as the heads
+
+    def objects(table: dict[str, torch.Tensor], i: int) -> list[tuple[int, int, int]]:
+        return [(int(table[f"shape_{s}"][i]), int(table[f"colour_{s}"][i]), int(table[f"size_{s}"][i]))
+                for s in slots if int(table[f"shape_{s}"][i]) != 0]
+
+    n = len(pred["count"])
+    hits = {k: 0 for k in ("count", "shape", "colour", "size", "all", "all_slots")}
+    for i in range(n):
+        got, want = objects(pred, i), objects(labels, i)
+        count = int(pred["count"][i] == labels["count"][i])
+        hits["count"] += count
+        for j, attr in enumerate(("shape", "colour", "size")):
+            hits[attr] += [o[j] for o in got] == [o[j] for o in want]
+        hits["all"] += count and got == want
+        hits["all_slots"] += all(int(pred[h][i] == labels[h][i]) for h in labels)
+    return {k: v / max(n, 1) for k, v in hits.items()}
