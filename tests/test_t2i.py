@@ -167,6 +167,52 @@ def test_attribute_accuracy_reads_objects_left_to_right():
     assert attribute_hits(moved, label) | {"colour": 0, "all": 0} == attribute_hits(moved, label)
 
 
+# ----------------------------------------------------------------------------- training and resume
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """img_data and img_validate on a tiny configuration."""
+    from forgeline.config import load_config
+    from tasks.img_data import ImgDataConfig, img_data
+    from tasks.img_validate import ImgValidateConfig, img_validate
+
+    root = tmp_path_factory.mktemp("t2i")
+    img_data(load_config(ImgDataConfig, "img_data", [f"out_dir={root}/img_data",
+                                                     *(f"{k}={v}" for k, v in TINY["img_data"].items())]))
+    manifest = root / "img_data" / "manifest.parquet"
+    img_validate(load_config(ImgValidateConfig, "img_validate",
+                             [f"manifest={manifest}", f"out_dir={root}/img_validate", "min_images=50"]))
+    return {"manifest": manifest, "validation": root / "img_validate" / "result.json"}
+
+
+def test_t2i_train_refuses_an_unvalidated_manifest_and_resumes_bit_for_bit(tiny_data, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from forgeline.expectations import GateClosed
+    from tasks.t2i_train import T2iTrainConfig, t2i_train
+
+    settings = {k: v for k, v in TINY["t2i_train"].items() if k not in ("mults", "attn_levels")}
+    cfg = T2iTrainConfig(manifest=str(tiny_data["manifest"]), validation=str(tiny_data["validation"]),
+                         out_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "ckpt"), mults=[1, 2],
+                         attn_levels=[1], **{**settings, "max_steps": 6, "ckpt_interval": 3})
+    with pytest.raises(GateClosed, match="no validation report"):
+        t2i_train(T2iTrainConfig(**{**cfg.__dict__, "validation": str(tmp_path / "missing.json")}))
+    first = t2i_train(cfg)
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    (root,) = (tmp_path / "ckpt").iterdir()
+    shutil.rmtree(root / "step_00000006")          # killed between the step-3 checkpoint and the end
+    shutil.rmtree(tmp_path / "out")
+    capsys.readouterr()
+    second = t2i_train(cfg)
+    assert "step_00000003 at step 3" in capsys.readouterr().out
+    again = load_file(tmp_path / "out" / "model.safetensors")
+    assert second["val_loss"] == first["val_loss"] and second["resumed_at"] == 3
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
 # ----------------------------------------------------------------------------- the whole pipeline
 
 TINY = {
