@@ -5,9 +5,9 @@ The request and response are OpenAI's (`client.images.generate(...)` works uncha
     {"prompt": str, "model": "gan" | "vq" | "t2i" (default gan), "n": 1..MAX_N (default 1),
      "size": "<S>x<S>" (default: the model's largest), "response_format": "b64_json" (the default),
      "seed": int (optional), "user": str (ignored), and per model:
-     gan: "truncation" (> 0; z entries beyond it redrawn, models/gan.py; default none),
+     gan: "truncation" (>= MIN_TRUNCATION; z entries beyond it redrawn, models/gan.py; default none),
      vq:  "top_p" (0, 1] (default 0.9), "temperature" (0, 2] (default 1.0),
-     t2i: "guidance_scale", "steps"}
+     t2i: "guidance_scale" [0, 50] (default 3.0), "steps" 1..MAX_T2I_STEPS DDIM steps (default 25)}
     -> {"created": unix time, "data": [{"b64_json": PNG in base64, "revised_prompt": str, "seed": int}, ...],
         "model", "size", "output_format": "png", "forgeline": {"model_dir", "seed", "generate_ms", ...}}
 
@@ -20,10 +20,15 @@ The models:
   (vq_upsample's 2x network). Unconditional. Sizes: the tokenizer's (32x32, no super-resolution) and twice
   it (64x64, the default: the whole path). Folders: FORGELINE_VQ_TOKENIZER (data/vq_train),
   FORGELINE_VQ_PRIOR (data/vq_prior), FORGELINE_VQ_UPSAMPLER (data/vq_upsample; read only for 2x).
-- t2i: not served yet (answers 503).
+- t2i: t2i_train's text-to-image diffusion model (chapter 9; models/diffusion.py's `generate`: DDIM,
+  eta 0, classifier-free guidance) on the captioned scenes; its size is its training size (32x32).
+  Folder: FORGELINE_T2I_MODEL, else data/t2i_train.
 
 gan and vq do not read the prompt (it may be empty): their `revised_prompt` is "" (the prompt the image
-was made from) and forgeline.conditioned is false. Image i of a request is drawn with seed + i
+was made from) and forgeline.conditioned is false. t2i's text encoder knows only the scene captions'
+words (forgeline/scenes.py's VISUAL_WORDS): the prompt is lowercased, split into words, and the words
+outside its vocabulary are dropped (`revised_prompt` is what it drew from, forgeline.dropped_words the
+rest); a prompt that names no shape or colour is refused (400). Image i of a request is drawn with seed + i
 (`seed` random when not given; echoed back), so a request is reproducible and image i equals image 0
 of the same request with seed + i.
 
@@ -61,8 +66,11 @@ from safetensors.torch import load_model
 
 from forgeline.checkpoint import load_model_folder
 from forgeline.paths import DATA
+from forgeline.scenes import COLOURS, PLURAL, SHAPES
+from models import diffusion
 from models.gan import GANConfig, Generator, sample_z
 from models.sampling import GenerationConfig, generate
+from models.text_encoder import SPECIALS
 from models.upsampler import Upsampler, UpsamplerConfig
 from models.vqvae import VQVAE, VQVAEConfig
 from serve.page import error, json_object
@@ -75,6 +83,10 @@ MAX_BODY = 16 * 1024        # bytes: a 1,000-character prompt and every option f
 MAX_SEED = 2 ** 32 - 1
 MAX_CONCURRENT = 1          # generations at a time (each uses every torch thread)
 MAX_QUEUED = 16             # requests waiting for a slot; beyond: 503, try later
+T2I_STEPS, T2I_GUIDANCE = 25, 3.0   # t2i_eval's DDIM steps and guidance scale (configs/t2i_eval.yaml)
+MAX_T2I_STEPS = 100         # DDIM steps a request may ask for
+MIN_TRUNCATION = 0.1        # below it, redrawing z entries until inside would take ever longer
+DRAWABLE = {*SHAPES, *PLURAL.values(), *COLOURS}   # the words a t2i prompt must name one of
 EXTRAS = {"gan": ("truncation",), "vq": ("top_p", "temperature"), "t2i": ("guidance_scale", "steps")}
 
 
@@ -88,11 +100,11 @@ class ImageRequest(BaseModel):
     response_format: str = "b64_json"
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     user: str | None = None                 # OpenAI's end-user id: accepted, not used
-    truncation: float | None = Field(None, gt=0)
+    truncation: float | None = Field(None, ge=MIN_TRUNCATION)
     top_p: float | None = Field(None, gt=0, le=1)
     temperature: float | None = Field(None, gt=0, le=2)
     guidance_scale: float | None = Field(None, ge=0, le=50)
-    steps: int | None = Field(None, ge=1, le=1000)
+    steps: int | None = Field(None, ge=1, le=MAX_T2I_STEPS)
 
 
 class Unavailable(Exception):
@@ -113,11 +125,10 @@ def _need(folder: Path, file: str, stage: str, pipeline: str) -> Path:
     return folder
 
 
-def to_png(images: torch.Tensor) -> list[str]:
-    """(N, 3, S, S) in [-1, 1] -> N base64 PNGs."""
-    pix = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+def to_png(pix: torch.Tensor) -> list[str]:
+    """(N, S, S, 3) uint8 -> N base64 PNGs."""
     out = []
-    for p in pix:
+    for p in pix.numpy():
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(p)).save(buf, format="PNG")
         out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
@@ -156,11 +167,14 @@ class GanModel:
     def sizes(self) -> list[int]:
         return [self.size]
 
-    def run(self, req: ImageRequest, seeds: list[int], size: int) -> tuple[torch.Tensor, dict]:
+    def read_prompt(self, prompt: str) -> tuple[str, dict]:
+        return "", {}   # unconditional: the image is made from no prompt
+
+    def run(self, req: ImageRequest, seeds: list[int], size: int, prompt: str) -> tuple[torch.Tensor, dict]:
         # one z per seed: image i does not depend on n (BatchNorm in eval mode: no batch statistics)
         z = torch.cat([sample_z(1, self.generator.z_dim, req.truncation, torch.Generator().manual_seed(s))
                        for s in seeds])
-        return self.generator(z), {"truncation": req.truncation}
+        return diffusion.to_uint8(self.generator(z)), {"truncation": req.truncation}
 
 
 @dataclass
@@ -189,7 +203,10 @@ class VqModel:
     def sizes(self) -> list[int]:
         return [self.vqvae.config.image_size, 2 * self.vqvae.config.image_size]
 
-    def run(self, req: ImageRequest, seeds: list[int], size: int) -> tuple[torch.Tensor, dict]:
+    def read_prompt(self, prompt: str) -> tuple[str, dict]:
+        return "", {}   # unconditional: the image is made from no prompt
+
+    def run(self, req: ImageRequest, seeds: list[int], size: int, prompt: str) -> tuple[torch.Tensor, dict]:
         top_p = 0.9 if req.top_p is None else req.top_p   # vq_eval's best FID setting (README)
         temperature = 1.0 if req.temperature is None else req.temperature
         upsampler = MODELS_LOADED.get("vq_upsample") if size > self.vqvae.config.image_size else None
@@ -205,7 +222,7 @@ class VqModel:
         if upsampler is not None:
             images = upsampler(images)
         t3 = time.perf_counter()
-        return images, {"top_p": top_p, "temperature": temperature, "invalid_tokens": invalid,
+        return diffusion.to_uint8(images), {"top_p": top_p, "temperature": temperature, "invalid_tokens": invalid,
                         "stages_ms": {"generation": round(1000 * (t1 - t0), 1), "decoding": round(1000 * (t2 - t1), 1),
                                       "super_resolution": round(1000 * (t3 - t2), 1) if upsampler else None}}
 
@@ -216,11 +233,45 @@ def _load_upsampler() -> Upsampler:
     return _load(folder, Upsampler, UpsamplerConfig)
 
 
-def _load_t2i():
-    raise Unavailable("model t2i is not served yet: no text-to-image model folder format to load")
+@dataclass
+class T2iModel:
+    model: diffusion.TextToImage
+    vocab: list[str]
+    folder: Path
+    conditioned = True
+
+    @classmethod
+    def load(cls) -> T2iModel:
+        folder = _need(Path(os.environ.get("FORGELINE_T2I_MODEL") or DATA / "t2i_train"), "model.safetensors",
+                       "t2i_train", "t2i")
+        return cls(_load(folder, diffusion.TextToImage, diffusion.T2IConfig),
+                   json.loads((folder / "vocab.json").read_text()), folder)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.model.config.image_size]
+
+    def read_prompt(self, prompt: str) -> tuple[str, dict]:
+        """The prompt's words the text encoder knows (the scene captions' vocabulary), the rest dropped;
+        a prompt that names no shape or colour (nothing the model can draw) is refused."""
+        words = re.findall(r"[a-z0-9]+", prompt.lower())
+        known = set(self.vocab) - set(SPECIALS)
+        kept, dropped = [w for w in words if w in known], [w for w in words if w not in known]
+        if not set(kept) & DRAWABLE:
+            raise ValueError(f"t2i draws scenes of coloured shapes from caption words, and the prompt names no shape "
+                             f"or colour (unknown words: {', '.join(dropped[:10]) or 'none'}); e.g. 'a large red "
+                             f"circle on the left and a blue square on the right'")
+        return " ".join(kept), {"dropped_words": dropped}
+
+    def run(self, req: ImageRequest, seeds: list[int], size: int, prompt: str) -> tuple[torch.Tensor, dict]:
+        steps = req.steps or T2I_STEPS
+        guidance = T2I_GUIDANCE if req.guidance_scale is None else req.guidance_scale
+        images = torch.cat([diffusion.generate(self.model, self.vocab, [prompt], steps=steps, guidance=guidance, seed=s)
+                            for s in seeds])
+        return images, {"steps": steps, "guidance_scale": guidance, "sampler": "ddim", "eta": 0.0}
 
 
-LOADERS = {"gan": GanModel.load, "vq": VqModel.load, "vq_upsample": _load_upsampler, "t2i": _load_t2i}
+LOADERS = {"gan": GanModel.load, "vq": VqModel.load, "vq_upsample": _load_upsampler, "t2i": T2iModel.load}
 
 
 class _Loaded:
@@ -292,13 +343,17 @@ async def generations(request: Request) -> JSONResponse:
         except Unavailable as e:
             return error(503, f"{e} (or ask for size {model.sizes[0]}x{model.sizes[0]}: no super-resolution)",
                          "size", "model_not_trained")
+    try:
+        prompt, prompt_info = model.read_prompt(req.prompt)
+    except ValueError as e:
+        return error(400, str(e), "prompt")
     seed = secrets.randbelow(MAX_SEED - MAX_N) if req.seed is None else req.seed
     seeds = [seed + i for i in range(req.n)]
 
     def run() -> tuple[list[str], dict, float]:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            images, info = model.run(req, seeds, size)
+            images, info = model.run(req, seeds, size, prompt)
         return to_png(images), info, time.perf_counter() - t0
 
     if _pending >= MAX_CONCURRENT + MAX_QUEUED:
@@ -309,9 +364,8 @@ async def generations(request: Request) -> JSONResponse:
             pngs, info, seconds = await run_in_threadpool(run)
     finally:
         _pending -= 1
-    prompt = req.prompt if model.conditioned else ""
     return JSONResponse({
         "created": int(time.time()), "model": req.model, "size": f"{size}x{size}", "output_format": "png",
         "data": [{"b64_json": png, "revised_prompt": prompt, "seed": s} for png, s in zip(pngs, seeds)],
         "forgeline": {"model_dir": str(model.folder), "seed": seed, "conditioned": model.conditioned,
-                      "generate_ms": round(1000 * seconds, 1), **info}})
+                      "generate_ms": round(1000 * seconds, 1), **prompt_info, **info}})

@@ -26,7 +26,10 @@ from PIL import Image
 from safetensors.torch import save_model
 
 from forgeline.paths import ROOT
+from forgeline.scenes import VISUAL_WORDS
+from models.diffusion import TextToImage
 from models.gpt import GPT
+from models.text_encoder import build_vocab
 from models.upsampler import Upsampler, UpsamplerConfig
 from models.vqvae import VQVAE, VQVAEConfig
 from serve import images
@@ -71,9 +74,31 @@ def tiny_vq(root: Path) -> dict[str, Path]:
     return folders
 
 
-def model_env(gan: Path, vq: dict[str, Path]) -> dict[str, str]:
+def tiny_t2i(root: Path) -> Path:
+    """t2i_train's folder (model.safetensors + config.json + vocab.json), untrained (weights jittered, so the
+    text reaches the output): 16x16, 50 timesteps."""
+    from tasks.t2i_train import T2iTrainConfig
+
+    torch.manual_seed(0)
+    vocab = build_vocab(VISUAL_WORDS)
+    cfg = T2iTrainConfig(image_size=16, timesteps=50, text_dim=16, text_layers=1, text_heads=2, base=8, mults=[1, 2],
+                         attn_levels=[1]).model_config(len(vocab))
+    out = root / "t2i_train"
+    out.mkdir(parents=True, exist_ok=True)
+    model = TextToImage(cfg)
+    with torch.no_grad():   # the U-Net's zero-initialised output layers would make the text irrelevant
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    save_model(model, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    return out
+
+
+def model_env(gan: Path, vq: dict[str, Path], t2i: Path) -> dict[str, str]:
     return {"FORGELINE_GAN_MODEL": str(gan), "FORGELINE_VQ_TOKENIZER": str(vq["tokenizer"]),
-            "FORGELINE_VQ_PRIOR": str(vq["prior"]), "FORGELINE_VQ_UPSAMPLER": str(vq["upsampler"])}
+            "FORGELINE_VQ_PRIOR": str(vq["prior"]), "FORGELINE_VQ_UPSAMPLER": str(vq["upsampler"]),
+            "FORGELINE_T2I_MODEL": str(t2i)}
 
 
 def decode(item: dict) -> np.ndarray:
@@ -85,12 +110,12 @@ def decode(item: dict) -> np.ndarray:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    return {"root": root, "gan": tiny_gan(root), "vq": tiny_vq(root)}
+    return {"root": root, "gan": tiny_gan(root), "vq": tiny_vq(root), "t2i": tiny_t2i(root)}
 
 
 @pytest.fixture
 def client(folders, monkeypatch):
-    for k, v in model_env(folders["gan"], folders["vq"]).items():
+    for k, v in model_env(folders["gan"], folders["vq"], folders["t2i"]).items():
         monkeypatch.setenv(k, v)
     images.MODELS_LOADED.clear()
     yield TestClient(create_app([("images", images.router)]))
@@ -143,6 +168,29 @@ def test_vq_path_sizes_and_sampling(client):
     assert other["data"] != small["data"]
 
 
+def test_t2i_reads_the_caption_words(client):
+    r = post(client, model="t2i", prompt="A large RED circle, on the left! with sparkles", n=2, seed=3, steps=4)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [d["revised_prompt"] for d in body["data"]] == ["a large red circle on the left with"] * 2
+    assert body["forgeline"]["dropped_words"] == ["sparkles"] and body["forgeline"]["conditioned"] is True
+    assert body["size"] == "16x16" and [decode(d).shape for d in body["data"]] == [(16, 16, 3)] * 2
+    assert body["forgeline"]["steps"] == 4 and body["forgeline"]["guidance_scale"] == 3.0
+    again = post(client, model="t2i", prompt="a large red circle on the left with", seed=4, steps=4).json()
+    assert again["data"][0]["b64_json"] == body["data"][1]["b64_json"]   # image i: seed + i
+    # the prompt, the guidance scale and the steps each change the image
+    first = body["data"][0]["b64_json"]
+    for change in ({"prompt": "three blue squares"}, {"guidance_scale": 0.0}, {"steps": 2}):
+        other = post(client, **{"model": "t2i", "prompt": "a large red circle on the left", "seed": 3, "steps": 4,
+                                **change}).json()
+        assert other["data"][0]["b64_json"] != first, change
+    # nothing it can draw: refused, saying why
+    for prompt in ("a cat on a sofa", "", "on the left"):
+        r = post(client, model="t2i", prompt=prompt)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert "names no shape or colour" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("body, status, param, says", [
     ({"model": "gan", "n": images.MAX_N + 1}, 400, "n", f"less than or equal to {images.MAX_N}"),
     ({"model": "gan", "n": 0}, 400, "n", "greater than or equal to 1"),
@@ -154,9 +202,13 @@ def test_vq_path_sizes_and_sampling(client):
     ({"model": "gan", "response_format": "url"}, 400, "response_format", "only 'b64_json'"),
     ({"model": "gan", "quality": "hd"}, 400, "quality", "Unrecognized request argument"),
     ({"model": "vq", "truncation": 0.5}, 400, "truncation", "applies to model gan"),
+    ({"model": "gan", "truncation": 0.001}, 400, "truncation", "greater than or equal to 0.1"),
     ({"model": "gan", "top_p": 0.5}, 400, "top_p", "applies to model vq"),
     ({"model": "vq", "top_p": 1.5}, 400, "top_p", "less than or equal to 1"),
     ({"model": "gan", "seed": -1}, 400, "seed", "greater than or equal to 0"),
+    ({"model": "gan", "guidance_scale": 3}, 400, "guidance_scale", "applies to model t2i"),
+    ({"model": "t2i", "steps": images.MAX_T2I_STEPS + 1}, 400, "steps", "less than or equal to"),
+    ({"model": "t2i", "size": "64x64"}, 400, "size", "one of 16x16"),
     ({"model": "gan", "prompt": "x" * (images.MAX_PROMPT_CHARS + 1)}, 400, "prompt", "at most 1000 characters"),
 ])
 def test_caps_and_bad_requests(client, body, status, param, says):
@@ -184,6 +236,7 @@ def test_busy_and_untrained(client, folders, monkeypatch):
     empty = folders["root"] / "empty"
     monkeypatch.setenv("FORGELINE_GAN_MODEL", str(empty))
     monkeypatch.setenv("FORGELINE_VQ_UPSAMPLER", str(empty))
+    monkeypatch.setenv("FORGELINE_T2I_MODEL", str(empty))
     images.MODELS_LOADED.clear()
     r = post(client, model="gan")
     assert r.status_code == 503 and "gan_train" in r.json()["error"]["message"], r.text
@@ -192,7 +245,8 @@ def test_busy_and_untrained(client, folders, monkeypatch):
     assert r.status_code == 503 and "vq_upsample" in r.json()["error"]["message"], r.text
     assert post(client, model="vq", size="16x16").status_code == 200
     r = post(client, model="t2i", prompt="a red circle")
-    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    assert r.status_code == 503 and "t2i_train" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["type"] == "server_error"
     # trained meanwhile: served without a restart
     monkeypatch.setenv("FORGELINE_GAN_MODEL", str(folders["gan"]))
     assert post(client, model="gan").status_code == 200
@@ -218,7 +272,7 @@ def start_app(env_extra: dict[str, str], tmp: Path) -> tuple[subprocess.Popen, s
 
 @pytest.fixture(scope="module")
 def live(folders, tmp_path_factory):
-    proc, url = start_app(model_env(folders["gan"], folders["vq"]), tmp_path_factory.mktemp("live"))
+    proc, url = start_app(model_env(folders["gan"], folders["vq"], folders["t2i"]), tmp_path_factory.mktemp("live"))
     yield url
     out = stop_server(proc)   # by its PID
     assert "Traceback" not in out, out
@@ -242,9 +296,10 @@ def test_openai_client_generates(live):
         client.images.generate(model="gan", prompt="", response_format="url")
     with pytest.raises(openai.NotFoundError):
         client.images.generate(model="dall-e-2", prompt="a cat")
-    with pytest.raises(openai.InternalServerError) as e:   # 503: t2i not served
-        client.images.generate(model="t2i", prompt="a red circle")
-    assert e.value.status_code == 503
+    t2i = client.images.generate(model="t2i", prompt="two small green triangles", n=1,
+                                 extra_body={"seed": 0, "steps": 3, "guidance_scale": 2.0})
+    assert t2i.data[0].revised_prompt == "two small green triangles"
+    assert decode({"b64_json": t2i.data[0].b64_json}).shape == (16, 16, 3)
 
 
 def test_parallel_requests_queue(live):

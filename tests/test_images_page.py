@@ -1,8 +1,9 @@
 """The chat page's Images section in a real browser (Debian's Chromium, headless, through Playwright):
 the whole app under uvicorn on 127.0.0.1 with test_images_api's tiny GAN (a few steps of gan_train's
-own loop) and VQ folders; open the section, generate 4 faces, then 2 VQ images through the whole
-serving path (2x super-resolution), check each image decoded in the browser (naturalWidth) at the
-size asked; a seed gives the same images again; an error shows the service's message.
+own loop), VQ and text-to-image folders; open the section, generate 4 faces, then 2 VQ images through
+the whole serving path (2x super-resolution), check each image decoded in the browser (naturalWidth)
+at the size asked; a seed gives the same images again; an error shows the service's message; t2i
+shows the prompt it drew from.
 
 The screenshot goes to $FORGELINE_TEST_ARTIFACTS (default .forgeline/test-artifacts/) as images-page.png.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_images_api import model_env, start_app, tiny_gan, tiny_vq
+from tests.test_images_api import model_env, start_app, tiny_gan, tiny_t2i, tiny_vq
 from tests.test_serve_llm import stop_server
 from tests.test_ui import ARTIFACTS, CHROMIUM, browser  # noqa: F401 (browser: the fixture)
 
@@ -24,7 +25,7 @@ def server(tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (scripts/install.sh does)")
     tmp = tmp_path_factory.mktemp("images_page")
-    proc, url = start_app(model_env(tiny_gan(tmp, steps=20), tiny_vq(tmp)), tmp)
+    proc, url = start_app(model_env(tiny_gan(tmp, steps=20), tiny_vq(tmp), tiny_t2i(tmp)), tmp)
     yield url
     out = stop_server(proc)
     assert "Traceback" not in out, out
@@ -69,7 +70,14 @@ def test_generate_images_in_the_page(server, browser):
     assert generate(page, "gan", 4, seed="7") == faces   # the seed reproduces them
 
     # an error: the service's message, the last images stay
-    generate(page, "t2i", 1)
+    generate(page, "t2i", 1)   # "a face with glasses": no shape or colour t2i can draw
     status = page.locator("#image-status")
-    assert status.text_content().startswith("503: ") and "t2i" in status.text_content()
+    assert status.text_content().startswith("400: ") and "names no shape or colour" in status.text_content()
     assert "refusal" in status.get_attribute("class") and page.locator("#image-grid img").count() == 4
+
+    # t2i draws what the prompt says, in its words
+    page.locator("#image-prompt").fill("Two small green triangles, please")
+    assert len(generate(page, "t2i", 2, seed="1")) == 2 and loaded_sizes(page) == [[16, 16]] * 2
+    assert page.locator("#image-grid figcaption").all_text_contents() == [
+        "seed 1 · two small green triangles", "seed 2 · two small green triangles"]
+    assert "refusal" not in status.get_attribute("class") and "unconditional" not in status.text_content()
