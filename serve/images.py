@@ -118,7 +118,9 @@ def _load(folder: Path, model_cls, config_cls, weights: str = "model.safetensors
     return model.eval()
 
 
-def _need(folder: Path, file: str, stage: str, pipeline: str) -> Path:
+def _folder(env: str, stage: str, pipeline: str, file: str = "model.safetensors", default: Path | None = None) -> Path:
+    """The model folder: $env, else `default`, else data/<stage>; Unavailable (503) without its weights file."""
+    folder = Path(os.environ.get(env) or default or DATA / stage)
     if not (folder / file).is_file():
         raise Unavailable(f"no {stage} model at {folder}: run the {stage} stage (`forgeline run {pipeline}`, "
                           f"or `dvc repro {stage}`)")
@@ -146,9 +148,7 @@ class GanModel:
     conditioned = False
 
     @staticmethod
-    def folder_default() -> Path:
-        if os.environ.get("FORGELINE_GAN_MODEL"):
-            return Path(os.environ["FORGELINE_GAN_MODEL"])
+    def best_loss() -> Path:
         metrics, root = DATA / "gan_eval" / "metrics.json", DATA / "gan_train"
         if metrics.is_file():   # the loss gan_eval scored best, among those trained
             losses = json.loads(metrics.read_text()).get("losses", {})
@@ -159,7 +159,7 @@ class GanModel:
 
     @classmethod
     def load(cls) -> GanModel:
-        folder = _need(cls.folder_default(), "generator.safetensors", "gan_train", "gan")
+        folder = _folder("FORGELINE_GAN_MODEL", "gan_train", "gan", "generator.safetensors", cls.best_loss())
         g = _load(folder, Generator, GANConfig, "generator.safetensors")
         return cls(g, json.loads((folder / "config.json").read_text())["image_size"], folder)
 
@@ -187,10 +187,8 @@ class VqModel:
 
     @classmethod
     def load(cls) -> VqModel:
-        tok = _need(Path(os.environ.get("FORGELINE_VQ_TOKENIZER") or DATA / "vq_train"), "model.safetensors",
-                    "vq_train", "vq")
-        prior = _need(Path(os.environ.get("FORGELINE_VQ_PRIOR") or DATA / "vq_prior"), "model.safetensors",
-                      "vq_prior", "vq")
+        tok = _folder("FORGELINE_VQ_TOKENIZER", "vq_train", "vq")
+        prior = _folder("FORGELINE_VQ_PRIOR", "vq_prior", "vq")
         vq = _load(tok, VQVAE, VQVAEConfig)
         gpt = load_model_folder(prior)
         start = json.loads((prior / "prior.json").read_text())["start_token"]
@@ -228,8 +226,7 @@ class VqModel:
 
 
 def _load_upsampler() -> Upsampler:
-    folder = _need(Path(os.environ.get("FORGELINE_VQ_UPSAMPLER") or DATA / "vq_upsample"), "model.safetensors",
-                   "vq_upsample", "vq")
+    folder = _folder("FORGELINE_VQ_UPSAMPLER", "vq_upsample", "vq")
     return _load(folder, Upsampler, UpsamplerConfig)
 
 
@@ -242,8 +239,7 @@ class T2iModel:
 
     @classmethod
     def load(cls) -> T2iModel:
-        folder = _need(Path(os.environ.get("FORGELINE_T2I_MODEL") or DATA / "t2i_train"), "model.safetensors",
-                       "t2i_train", "t2i")
+        folder = _folder("FORGELINE_T2I_MODEL", "t2i_train", "t2i")
         return cls(_load(folder, diffusion.TextToImage, diffusion.T2IConfig),
                    json.loads((folder / "vocab.json").read_text()), folder)
 
