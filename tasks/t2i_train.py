@@ -94,7 +94,8 @@ class T2iTrainConfig:
                                "attn_levels": list(self.attn_levels), "heads": 4})
 
     def checkpoint_root(self) -> Path:
-        skip = {"out_dir", "ckpt_dir", "log_interval", "keep_checkpoints", "validation", "val_images", "threads"}
+        skip = {"out_dir", "ckpt_dir", "log_interval", "keep_checkpoints", "validation", "val_images", "threads",
+                "ckpt_interval"}   # none of these changes the weights
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
         return Path(self.ckpt_dir) / checkpoint_key(settings, [Path(self.manifest)])
 
