@@ -49,6 +49,23 @@ def layout(rng: np.random.Generator, objects: list[dict]) -> list[dict]:
     return [{**o, "slot": SLOTS[s]} for o, s in zip(objects, slots)]
 
 
+def random_scene(rng: np.random.Generator, pairs: Sequence[tuple[str, str]], max_objects: int = 3,
+                 required: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """1 to `max_objects` objects drawn from `pairs`, one of them (at a random place) from `required` when
+    given, laid out in slots left to right."""
+    k = int(rng.integers(1, max_objects + 1))
+    objs = [sample_object(rng, pairs) for _ in range(k)]
+    if required:
+        objs[int(rng.integers(k))] = sample_object(rng, required)
+    return layout(rng, objs)
+
+
+def slot_labels(objects: list[dict]) -> dict[str, str]:
+    """The per-slot label columns of a scene: shape_left, colour_left, size_left, ... ("none" where empty)."""
+    slot = {o["slot"]: o for o in objects}
+    return {f"{a}_{s}": slot[s][a] if s in slot else "none" for s in SLOTS for a in ("shape", "colour", "size")}
+
+
 def _background(rng: np.random.Generator, n: int) -> np.ndarray:
     """(n, n, 3) float background: plain, vertical gradient or faint stripes, dark or light grey."""
     base = rng.uniform(20, 70) if rng.random() < 0.5 else rng.uniform(170, 230)

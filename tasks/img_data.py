@@ -87,18 +87,13 @@ def make_scenes(cfg: ImgDataConfig) -> tuple[np.ndarray, list[dict]]:
     images, rows = [], []
     for split, n in (("train", cfg.train_scenes), ("val", cfg.val_scenes), ("test", cfg.test_scenes)):
         for _ in range(n):
-            k = int(rng.integers(1, cfg.max_objects + 1))
-            objs = [scenes.sample_object(rng, allowed) for _ in range(k)]
-            if split == "test":  # at least one unseen combination, at a random place among the others
-                objs[int(rng.integers(k))] = scenes.sample_object(rng, held)
-            objs = scenes.layout(rng, objs)
+            # a test scene holds at least one unseen combination, at a random place among the others
+            objs = scenes.random_scene(rng, allowed, cfg.max_objects, held if split == "test" else ())
             images.append(scenes.render(rng, objs, cfg.noise))
-            slot = {o["slot"]: o for o in objs}
             rows.append({"image_id": f"scene-{len(rows):06d}", "source": "scene", "split": split,
                          "file": "scenes64.npz", "index": len(rows), "height": 64, "width": 64, "channels": 3,
-                         "label": "", "label_id": -1, "n_objects": k, "objects": json.dumps(objs),
-                         **{f"{a}_{s}": slot[s][a] if s in slot else "none"
-                            for s in scenes.SLOTS for a in ("shape", "colour", "size")},
+                         "label": "", "label_id": -1, "n_objects": len(objs), "objects": json.dumps(objs),
+                         **scenes.slot_labels(objs),
                          "held_out_combo": any((o["shape"], o["colour"]) in held for o in objs),
                          "captions": scenes.captions(objs)})
     return np.stack(images), rows

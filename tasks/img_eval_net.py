@@ -61,6 +61,9 @@ class ImgEvalNetConfig:
     label_smoothing: float = 0.05
     colour_blind: float = 0.0       # scenes: share of samples shown grey or channel-permuted, colour heads not trained on them
     shape_blind: float = 0.0        # scenes: share shown as 8x8-pooled colour blobs, shape and size heads not trained on them
+    instrument_scenes: int = 6000   # scenes rendered here from every (shape, colour) pair, added to the training set
+    instrument_seed: int = 7        # their own seed stream: never an img_data image
+    lowres: float = 0.25            # scenes: share shown at 32x32 and upsampled back (how 32x32 generators are judged)
     ckpt_interval: int = 300
     keep_checkpoints: int = 2
     log_interval: int = 100
@@ -68,6 +71,8 @@ class ImgEvalNetConfig:
     seed: int = 1337
 
     def check(self) -> None:
+        if self.instrument_scenes < 0 or not 0 <= self.lowres <= 1:
+            raise ConfigError("img_eval_net: need instrument_scenes >= 0 and 0 <= lowres <= 1")
         for name in ("batch_size", "fashion_steps", "scene_steps", "ckpt_interval", "log_interval", "floor_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"img_eval_net: {name} must be >= 1")
@@ -89,6 +94,33 @@ def scene_heads() -> dict[str, list[str]]:
     return heads
 
 
+def scene_labels(part: pd.DataFrame) -> dict[str, torch.Tensor]:
+    """Head -> class indices of scene rows (manifest columns n_objects and shape_left, colour_left, ...)."""
+    labels = {"count": torch.tensor(part["n_objects"].to_numpy() - 1, dtype=torch.long)}
+    for head, names in scene_heads().items():
+        if head != "count":
+            labels[head] = torch.tensor(part[head].map(names.index).to_numpy(), dtype=torch.long)
+    return labels
+
+
+def instrument_scenes(cfg: ImgEvalNetConfig) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """Scenes of every (shape, colour) pair, rendered here from `instrument_seed`.
+
+    The network is a measuring instrument: it must name a held-out pair as surely as a seen one, or
+    it would score a captioner or generator that gets an unseen pair right as wrong. img_data holds
+    those pairs out of its train split for the models under test; the instrument learns them from its
+    own renders (never an img_data image: the test split it is scored on stays unseen).
+    """
+    rng = np.random.default_rng(cfg.instrument_seed)
+    pairs = [(s, c) for s in scenes.SHAPES for c in scenes.COLOURS]
+    images, rows = [], []
+    for _ in range(cfg.instrument_scenes):
+        objs = scenes.random_scene(rng, pairs)
+        images.append(scenes.render(rng, objs))
+        rows.append({"n_objects": len(objs), **scenes.slot_labels(objs)})
+    return np.stack(images), scene_labels(pd.DataFrame(rows))
+
+
 def domain_data(manifest: pd.DataFrame, domain: str, data_dir: Path) -> dict:
     """{split: (images uint8 (N, H, W[, C]), {head: labels (N,)})} of one domain; `to_tensor` per batch."""
     source = "fashion" if domain == "fashion" else "scene"
@@ -98,10 +130,7 @@ def domain_data(manifest: pd.DataFrame, domain: str, data_dir: Path) -> dict:
         if domain == "fashion":
             labels = {"class": torch.tensor(part["label_id"].to_numpy(), dtype=torch.long)}
         else:
-            labels = {"count": torch.tensor(part["n_objects"].to_numpy() - 1, dtype=torch.long)}
-            for head, names in scene_heads().items():
-                if head != "count":
-                    labels[head] = torch.tensor(part[head].map(names.index).to_numpy(), dtype=torch.long)
+            labels = scene_labels(part)
         images = load_images(part["file"].tolist(), part["index"].tolist(), data_dir)
         out[split] = (images, labels)
     return out
@@ -119,16 +148,25 @@ PERMUTATIONS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
 
 def batch_at(n: int, batch_size: int, seed: int, step: int, flip: bool, blind: float = 0.0,
-             blob: float = 0.0) -> tuple[torch.Tensor, ...]:
+             blob: float = 0.0, low: float = 0.0) -> tuple[torch.Tensor, ...]:
     """Step `step`'s row indices, horizontal-flip flags, colour-blind flags and their kind (0 grey, 1-5 a
-    channel permutation), and shape-blind flags: a pure function of (seed, step)."""
+    channel permutation), shape-blind flags and low-resolution flags: a pure function of (seed, step)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     idx = torch.randint(n, (batch_size,), generator=g)
     flips = (torch.rand(batch_size, generator=g) < 0.5) & flip
     u = torch.rand(batch_size, generator=g)
     blinds, blobs = u < blind, (u >= blind) & (u < blind + blob)
     kinds = torch.randint(len(PERMUTATIONS) + 1, (batch_size,), generator=g)
-    return idx, flips, blinds, kinds, blobs
+    lows = torch.rand(batch_size, generator=g) < low
+    return idx, flips, blinds, kinds, blobs, lows
+
+
+def low_resolution(x: torch.Tensor, lows: torch.Tensor) -> torch.Tensor:
+    """Rows with `lows` averaged down 2x and resized back, as `to_tensor` shows a 32x32 image at 64."""
+    if not lows.any():
+        return x
+    small = F.interpolate(F.avg_pool2d(x, 2), size=x.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
+    return torch.where(lows[:, None, None, None], small, x)
 
 
 def shape_blind(x: torch.Tensor, blobs: torch.Tensor) -> torch.Tensor:
@@ -202,10 +240,12 @@ def train_domain(cfg: ImgEvalNetConfig, domain: str, data: dict, log=None) -> tu
 
         # ---- one step; flips only for Fashion-MNIST (a flipped scene swaps its left and right slots)
         scenes_only = domain == "scenes"
-        idx, flips, blinds, kinds, blobs = batch_at(len(images), cfg.batch_size, cfg.seed, step, flip=not scenes_only,
-                                                    blind=cfg.colour_blind * scenes_only, blob=cfg.shape_blind * scenes_only)
+        idx, flips, blinds, kinds, blobs, lows = batch_at(
+            len(images), cfg.batch_size, cfg.seed, step, flip=not scenes_only, blind=cfg.colour_blind * scenes_only,
+            blob=cfg.shape_blind * scenes_only, low=cfg.lowres * scenes_only)
         x = to_tensor(images[idx.numpy()], size)
         x = shape_blind(colour_blind(torch.where(flips[:, None, None, None], x.flip(-1), x), blinds, kinds), blobs)
+        x = low_resolution(x, lows)
         logits = model(x)
         # a head learns only from rows that show what it names: colour heads not from colour-blind rows,
         # shape and size heads not from shape-blind ones
@@ -247,6 +287,9 @@ def img_eval_net(cfg: ImgEvalNetConfig, log=None) -> dict:
         t0 = time.perf_counter()
         size = cfg.fashion_size if domain == "fashion" else cfg.scene_size
         data = domain_data(manifest, domain, Path(cfg.manifest).parent)
+        if domain == "scenes" and cfg.instrument_scenes:
+            (x, y), (xi, yi) = data["train"], instrument_scenes(cfg)
+            data["train"] = (np.concatenate([x, xi]), {h: torch.cat([y[h], yi[h]]) for h in y})
         model, history = train_domain(cfg, domain, data, log)
         folder = save_eval_net(out / domain, model)
         (folder / "history.json").write_text(json.dumps(history))
@@ -257,6 +300,8 @@ def img_eval_net(cfg: ImgEvalNetConfig, log=None) -> dict:
         ext = extractor(model, head, folder)
         summary[domain] = {
             "test_accuracy": accuracy(model, *data["test"]), "val_accuracy": history["val"][-1][1],
+            **({"test_accuracy_32": accuracy(model, scenes.downsample(test_x, 2), data["test"][1]),
+                "instrument_scenes": cfg.instrument_scenes} if domain == "scenes" else {}),
             "train_images": len(data["train"][0]), "test_images": len(test_x), "image_size": size,
             "params": model.num_params(), "feature_dim": model.config.feature_dim, "is_head": head,
             "fid_floor": fid_floor(ext, real, cfg.seed), "fid_floor_images": len(real) // 2,
@@ -279,8 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         except GateClosed as e:
             print(f"img_eval_net: REFUSED\n{e}", file=sys.stderr)
             sys.exit(1)
-        mlflow.log_metrics({f"{d}.{k}.{h}": v for d, r in summary.items() for k in ("test_accuracy", "val_accuracy")
-                            for h, v in r[k].items()})
+        mlflow.log_metrics({f"{d}.{k}.{h}": v for d, r in summary.items() for k in ("test_accuracy", "test_accuracy_32", "val_accuracy")
+                            if k in r for h, v in r[k].items()})
         mlflow.log_metrics({f"{d}.{k}": r[k] for d, r in summary.items() for k in ("fid_floor", "real_inception_score")})
         mlflow.log_artifact(str(Path(cfg.out_dir) / "metrics.json"))
     print(json.dumps({d: {"test_accuracy": r["test_accuracy"], "fid_floor": r["fid_floor"]} for d, r in summary.items()}))

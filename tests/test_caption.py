@@ -169,8 +169,26 @@ def test_eval_net_augmentations_hide_colour_or_shape():
     assert torch.allclose(grey[0, 0], grey[0, 2]) and torch.equal(grey[1], x[1].flip(0))
     blob = shape_blind(x, torch.tensor([True, False]))
     assert torch.equal(blob[1], x[1]) and torch.equal(blob[0, :, :8, :8], blob[0, :, :1, :1].expand(3, 8, 8))
-    _, _, blinds, _, blobs = batch_at(10, 1000, 0, 3, flip=False, blind=0.4, blob=0.3)
+    _, _, blinds, _, blobs, _ = batch_at(10, 1000, 0, 3, flip=False, blind=0.4, blob=0.3)
     assert not (blinds & blobs).any() and abs(blinds.float().mean() - 0.4) < 0.05 and abs(blobs.float().mean() - 0.3) < 0.05
+
+
+def test_the_eval_net_sees_every_pair_in_its_own_renders_and_32x32_as_generators_give_it():
+    from tasks.img_data import ImgDataConfig
+    from tasks.img_eval_net import ImgEvalNetConfig, instrument_scenes, low_resolution, scene_heads
+
+    from forgeline.images import to_tensor
+
+    images, labels = instrument_scenes(ImgEvalNetConfig(instrument_scenes=120))
+    heads = scene_heads()
+    pairs = {(heads[f"shape_{s}"][a], heads[f"colour_{s}"][b]) for s in scenes.SLOTS
+             for a, b in zip(labels[f"shape_{s}"].tolist(), labels[f"colour_{s}"].tolist()) if a}
+    assert images.shape == (120, 64, 64, 3) and set(ImgDataConfig().pairs()) < pairs  # held-out pairs included
+    assert sorted(set(labels["count"].tolist())) == [0, 1, 2]
+    x = to_tensor(images[:2], 64)
+    low = low_resolution(x, torch.tensor([True, False]))
+    assert torch.equal(low[1], x[1])
+    assert torch.allclose(low[0], to_tensor(scenes.downsample(images[:1], 2), 64)[0], atol=0.02)
 
 
 # ----------------------------------------------------------------------------- training, resume, evaluation
@@ -251,7 +269,7 @@ TINY = {
     "img_data": dict(a.split("=") for a in TINY_DATA),
     "img_validate": {"min_images": 100},
     "img_eval_net": {"fashion_steps": 4, "scene_steps": 4, "batch_size": 16, "ckpt_interval": 2, "log_interval": 2,
-                     "floor_images": 40, "width": 8},
+                     "floor_images": 40, "width": 8, "instrument_scenes": 30},
     "cap_train": {"variants": "[cnn,vit-2d-sincos]", "max_steps": 4, "batch_size": 8, "ckpt_interval": 2,
                   "log_interval": 2, "eval_batches": 1, "warmup_steps": 1, "d_model": 32, "d_ff": 64, "cnn_width": 8},
     "cap_eval": {"max_images": 6, "beam_width": 2, "examples": 2},
