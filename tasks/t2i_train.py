@@ -58,7 +58,7 @@ class T2iTrainConfig:
     attn_levels: list[int] = field(default_factory=lambda: [1, 2])
     p_uncond: float = 0.1
     batch_size: int = 64
-    max_steps: int = 600
+    max_steps: int = 400
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup_steps: int = 50
