@@ -220,9 +220,10 @@ class VqModel:
         if upsampler is not None:
             images = upsampler(images)
         t3 = time.perf_counter()
+        stages_ms = {"generation": round(1000 * (t1 - t0), 1), "decoding": round(1000 * (t2 - t1), 1),
+                     "super_resolution": round(1000 * (t3 - t2), 1) if upsampler else None}
         return diffusion.to_uint8(images), {"top_p": top_p, "temperature": temperature, "invalid_tokens": invalid,
-                        "stages_ms": {"generation": round(1000 * (t1 - t0), 1), "decoding": round(1000 * (t2 - t1), 1),
-                                      "super_resolution": round(1000 * (t3 - t2), 1) if upsampler else None}}
+                                            "stages_ms": stages_ms}
 
 
 def _load_upsampler() -> Upsampler:
