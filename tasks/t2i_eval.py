@@ -21,6 +21,7 @@ prompt under each).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
 import time
@@ -143,7 +144,7 @@ def t2i_eval(cfg: T2iEvalConfig) -> dict:
         row = {"setting": name, **setting, "images": len(images), **attribute_accuracy(net, x, lab),
                **generation_scores(ext, real_pool, x, cfg.seed),
                "seconds_per_image": seconds}
-        key = name.lower().replace(" ", "_").replace(",", "").replace("=", "").replace(".", "p")
+        key = re.sub(r"[^a-z0-9]+", "_", name.lower().replace(".", "p")).strip("_")   # a file and MLflow key
         save_grid(images[:cfg.grid], grid_prompts[:cfg.grid], out / f"grid_{key}.png", name)
         row["grid"] = f"grid_{key}.png"
         print(f"t2i_eval: {name}: all {row['all']:.3f} count {row['count']:.3f} shape {row['shape']:.3f} "
