@@ -168,8 +168,10 @@ def train_loss(cfg: GanTrainConfig, loss: str, train_x: torch.Tensor, scorer=Non
     resumed_at = step if meta is not None else -1
 
     def save() -> None:
+        history["seconds"] = seconds_before + time.perf_counter() - t_start   # training time over all runs
         save_training_state(root, step, pair, opt, mcfg, cfg, history, {"step": step}, keep=cfg.keep_checkpoints)
 
+    seconds_before = history.get("seconds", 0.0)
     t_start = t_last = time.perf_counter()
     g.train()
     d.train()
@@ -234,7 +236,7 @@ def train_loss(cfg: GanTrainConfig, loss: str, train_x: torch.Tensor, scorer=Non
     (out / "history.json").write_text(json.dumps(history))
     summary = {"steps": step, "d_steps_per_g_step": k, "generator_params": sum(p.numel() for p in g.parameters()),
                "discriminator_params": sum(p.numel() for p in d.parameters()),
-               "train_seconds": time.perf_counter() - t_start, "resumed_at": resumed_at,
+               "train_seconds": history.get("seconds", 0.0), "resumed_at": resumed_at,
                "last_fid": history["eval"][-1][1] if history["eval"] else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -180,6 +180,8 @@ def test_a_killed_run_resumes_to_the_same_weights(faces, tmp_path, loss):
     assert second["resumed_at"] == 2
     again = load_file(str(tmp_path / "out" / loss / "generator.safetensors"))
     assert all(torch.equal(weights[k], again[k]) for k in weights)
+    third = train_loss(cfg, loss, x)                   # resumed at the end: the training time is kept, not reset
+    assert third["resumed_at"] == 4 and third["train_seconds"] == second["train_seconds"] > 0
 
 
 # ----------------------------------------------------------------------------- the whole pipeline
