@@ -171,7 +171,8 @@ def tiny(tmp_path_factory):
                              [f"manifest={manifest}", f"out_dir={root}/img_validate", "min_images=50"]))
     img_eval_net(ImgEvalNetConfig(manifest=str(manifest), validation=str(validation), out_dir=str(root / "net"),
                                   ckpt_dir=str(root / "net_ckpt"), width=8, batch_size=16, fashion_steps=3,
-                                  scene_steps=3, ckpt_interval=2, log_interval=2, floor_images=40))
+                                  scene_steps=3, ckpt_interval=2, log_interval=2, floor_images=40,
+                                  instrument_scenes=30))
     return {"root": root, "manifest": manifest, "validation": validation, "net": root / "net"}
 
 
@@ -215,7 +216,7 @@ TINY = {
     "img_data": dict(a.split("=") for a in TINY_DATA),
     "img_validate": {"min_images": 50},
     "img_eval_net": {"fashion_steps": 3, "scene_steps": 3, "batch_size": 16, "ckpt_interval": 2, "log_interval": 2,
-                     "floor_images": 40, "width": 8},
+                     "floor_images": 40, "width": 8, "instrument_scenes": 30},
     "vq_train": {"hidden": 16, "codebook_size": 16, "code_dim": 8, "disc_width": 8, "batch_size": 8, "max_steps": 4,
                  "adv_start": 2, "restart_interval": 2, "ckpt_interval": 2, "log_interval": 2, "warmup_steps": 1,
                  "eval_images": 20},
