@@ -191,9 +191,11 @@ def save_model_folder(out: str | Path, model: torch.nn.Module, config: GPTConfig
     return out
 
 
-def load_model_folder(path: str | Path, cls: type = GPT, device: str = "cpu"):
-    """A model folder back into `cls(GPTConfig)` (GPT, or RewardModel for data/reward), in eval mode, without pickle."""
+def load_model_folder(path: str | Path, cls: type = GPT, device: str = "cpu", config_cls: type = GPTConfig,
+                      weights: str = "model.safetensors"):
+    """A model folder (config.json of `config_cls` + safetensors `weights`) back into `cls(config)`, in eval mode,
+    without pickle: a GPT or RewardModel by default, any model of models/ with its config dataclass otherwise."""
     path = Path(path)
-    model = cls(GPTConfig(**json.loads((path / "config.json").read_text())))
-    load_model(model, str(path / "model.safetensors"), device=device)
+    model = cls(config_cls(**json.loads((path / "config.json").read_text())))
+    load_model(model, str(path / weights), device=device)
     return model.eval()

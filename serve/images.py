@@ -62,7 +62,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors.torch import load_model
 
 from forgeline.checkpoint import load_model_folder
 from forgeline.paths import DATA
@@ -111,13 +110,6 @@ class Unavailable(Exception):
     """A model folder is missing: 503 with the stage to run."""
 
 
-def _load(folder: Path, model_cls, config_cls, weights: str = "model.safetensors"):
-    """A stage's folder (config.json of `config_cls` + safetensors weights) -> `model_cls` in eval mode, no pickle."""
-    model = model_cls(config_cls(**json.loads((folder / "config.json").read_text())))
-    load_model(model, str(folder / weights))
-    return model.eval()
-
-
 def _folder(env: str, stage: str, pipeline: str, file: str = "model.safetensors", default: Path | None = None) -> Path:
     """The model folder: $env, else `default`, else data/<stage>; Unavailable (503) without its weights file."""
     folder = Path(os.environ.get(env) or default or DATA / stage)
@@ -160,7 +152,7 @@ class GanModel:
     @classmethod
     def load(cls) -> GanModel:
         folder = _folder("FORGELINE_GAN_MODEL", "gan_train", "gan", "generator.safetensors", cls.best_loss())
-        g = _load(folder, Generator, GANConfig, "generator.safetensors")
+        g = load_model_folder(folder, Generator, config_cls=GANConfig, weights="generator.safetensors")
         return cls(g, json.loads((folder / "config.json").read_text())["image_size"], folder)
 
     @property
@@ -189,7 +181,7 @@ class VqModel:
     def load(cls) -> VqModel:
         tok = _folder("FORGELINE_VQ_TOKENIZER", "vq_train", "vq")
         prior = _folder("FORGELINE_VQ_PRIOR", "vq_prior", "vq")
-        vq = _load(tok, VQVAE, VQVAEConfig)
+        vq = load_model_folder(tok, VQVAE, config_cls=VQVAEConfig)
         gpt = load_model_folder(prior)
         start = json.loads((prior / "prior.json").read_text())["start_token"]
         if gpt.config.vocab_size != vq.config.codebook_size + 1 or gpt.config.block_size < vq.config.tokens + 1:
@@ -228,7 +220,7 @@ class VqModel:
 
 def _load_upsampler() -> Upsampler:
     folder = _folder("FORGELINE_VQ_UPSAMPLER", "vq_upsample", "vq")
-    return _load(folder, Upsampler, UpsamplerConfig)
+    return load_model_folder(folder, Upsampler, config_cls=UpsamplerConfig)
 
 
 @dataclass
@@ -241,7 +233,7 @@ class T2iModel:
     @classmethod
     def load(cls) -> T2iModel:
         folder = _folder("FORGELINE_T2I_MODEL", "t2i_train", "t2i")
-        return cls(_load(folder, diffusion.TextToImage, diffusion.T2IConfig),
+        return cls(load_model_folder(folder, diffusion.TextToImage, config_cls=diffusion.T2IConfig),
                    json.loads((folder / "vocab.json").read_text()), folder)
 
     @property

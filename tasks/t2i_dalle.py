@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 import torch
 from prefect import task
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
-from forgeline.checkpoint import checkpoint_key, resume_training_state, save_training_state
+from forgeline.checkpoint import checkpoint_key, load_model_folder, resume_training_state, save_training_state
 from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.expectations import GateClosed, check_gate
 from forgeline.images import load_images, to_tensor
@@ -119,13 +119,6 @@ class T2iDalleConfig:
 
 
 WORDS = sorted(VISUAL_WORDS)   # the caption vocabulary, after the codes, BOS and PAD
-
-
-def load_vqvae(path: str | Path) -> VQVAE:
-    """t2i_vq's folder (vq_train's format) back into a VQVAE in eval mode, without pickle."""
-    model = VQVAE(VQVAEConfig(**json.loads((Path(path) / "config.json").read_text())))
-    load_model(model, str(Path(path) / "model.safetensors"))
-    return model.eval()
 
 
 def caption_tokens(text: str, codebook_size: int, text_len: int) -> list[int]:
@@ -212,7 +205,7 @@ def t2i_dalle(cfg: T2iDalleConfig, log=None) -> dict:
     check_gate(cfg.validation, cfg.manifest, "manifest_sha256")
     manifest = pd.read_parquet(cfg.manifest)
     data_dir = Path(cfg.manifest).parent
-    vq = load_vqvae(cfg.vqvae)
+    vq = load_model_folder(cfg.vqvae, VQVAE, config_cls=VQVAEConfig)
     K, L, size = vq.config.codebook_size, cfg.text_len, vq.config.image_size
     bos = K
 

@@ -68,23 +68,6 @@ class VqEvalConfig:
             raise ConfigError(f"vq_eval: domain={self.domain!r}: fashion or scenes")
 
 
-def load_vqvae(path: str | Path) -> VQVAE:
-    """vq_train's folder back into a VQVAE in eval mode, without pickle."""
-    from safetensors.torch import load_model
-
-    model = VQVAE(VQVAEConfig(**json.loads((Path(path) / "config.json").read_text())))
-    load_model(model, str(Path(path) / "model.safetensors"))
-    return model.eval()
-
-
-def load_upsampler(path: str | Path) -> Upsampler:
-    from safetensors.torch import load_model
-
-    model = Upsampler(UpsamplerConfig(**json.loads((Path(path) / "config.json").read_text())))
-    load_model(model, str(Path(path) / "model.safetensors"))
-    return model.eval()
-
-
 def sample_codes(prior, start: int, n: int, tokens: int, temperature: float, top_p: float, seed: int,
                  batch_size: int) -> torch.Tensor:
     """(n, tokens) codes sampled from [START] in raster order (models/sampling.py's generate)."""
@@ -108,12 +91,12 @@ def save_grid(images: torch.Tensor, path: Path, cols: int) -> None:
 
 def vq_eval(cfg: VqEvalConfig) -> dict:
     manifest = pd.read_parquet(cfg.manifest)
-    vq = load_vqvae(cfg.vqvae)
+    vq = load_model_folder(cfg.vqvae, VQVAE, config_cls=VQVAEConfig)
     prior = load_model_folder(cfg.prior)
     meta = json.loads((Path(cfg.prior) / "prior.json").read_text())
     folder = Path(cfg.eval_net) / cfg.domain
     net = load_eval_net(folder)
-    upsampler = load_upsampler(cfg.upsampler)
+    upsampler = load_model_folder(cfg.upsampler, Upsampler, config_cls=UpsamplerConfig)
     ext = extractor(net, "class" if cfg.domain == "fashion" else "count", folder)
     net_size, size = net.config.image_size, vq.config.image_size
 

@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 import torch
 from prefect import task
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
-from forgeline.checkpoint import checkpoint_key, resume_training_state, save_training_state
+from forgeline.checkpoint import checkpoint_key, load_model_folder, resume_training_state, save_training_state
 from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.expectations import GateClosed, check_gate
 from forgeline.images import load_images, to_tensor
@@ -101,13 +101,6 @@ class VqPriorConfig:
         return Path(self.ckpt_dir) / checkpoint_key(settings, inputs)
 
 
-def load_vqvae(path: str | Path) -> VQVAE:
-    """vq_train's folder back into a VQVAE in eval mode, without pickle."""
-    model = VQVAE(VQVAEConfig(**json.loads((Path(path) / "config.json").read_text())))
-    load_model(model, str(Path(path) / "model.safetensors"))
-    return model.eval()
-
-
 def tokenise(vq: VQVAE, images: np.ndarray, batch: int = 500) -> torch.Tensor:
     """uint8 images -> (N, tokens) codes in raster order (row by row of the grid)."""
     return torch.cat([vq.encode(to_tensor(images[i:i + batch], vq.config.image_size)).flatten(1)
@@ -144,7 +137,7 @@ def vq_prior(cfg: VqPriorConfig, log=None) -> dict:
     check_gate(cfg.validation, cfg.manifest, "manifest_sha256")
     manifest = pd.read_parquet(cfg.manifest)
     data_dir = Path(cfg.manifest).parent
-    vq = load_vqvae(cfg.vqvae)
+    vq = load_model_folder(cfg.vqvae, VQVAE, config_cls=VQVAEConfig)
     source = "fashion" if cfg.domain == "fashion" else "scene"
 
     def split(name: str, n: int) -> np.ndarray:
