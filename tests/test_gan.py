@@ -195,7 +195,7 @@ TINY = {
     "img_data": dict(a.split("=") for a in TINY_IMG),
     "img_validate": {"min_images": 50},
     "img_eval_net": {"fashion_steps": 3, "scene_steps": 3, "batch_size": 16, "ckpt_interval": 2, "log_interval": 2,
-                     "floor_images": 40, "width": 8},
+                     "floor_images": 40, "width": 8, "instrument_scenes": 30},
     "gan_fashion_train": {"steps": 2, "batch_size": 8, "g_width": 8, "d_width": 8, "z_dim": 16, "ckpt_interval": 2,
                           "log_interval": 2, "eval_interval": 2, "eval_samples": 16, "critic_steps": 2,
                           "train_images": 64},

@@ -220,7 +220,7 @@ TINY = {
                  "fashion_test": 100},
     "img_validate": {"min_images": 50},
     "img_eval_net": {"fashion_steps": 3, "scene_steps": 3, "batch_size": 16, "ckpt_interval": 2, "log_interval": 2,
-                     "floor_images": 40, "width": 8},
+                     "floor_images": 40, "width": 8, "instrument_scenes": 30},
     "t2i_train": {"base": 8, "mults": "[1,2]", "attn_levels": "[1]", "text_dim": 16, "text_heads": 2,
                   "text_layers": 1, "timesteps": 20, "batch_size": 8, "max_steps": 4, "warmup_steps": 1,
                   "ckpt_interval": 2, "log_interval": 2, "val_images": 8, "threads": 1},

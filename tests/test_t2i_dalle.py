@@ -148,7 +148,8 @@ def test_t2i_vq_and_t2i_dalle_on_a_tiny_config(tmp_path):
                              [f"manifest={manifest}", f"out_dir={tmp_path}/img_validate", "min_images=50"]))
     img_eval_net(ImgEvalNetConfig(manifest=str(manifest), validation=str(validation), out_dir=str(tmp_path / "net"),
                                   ckpt_dir=str(tmp_path / "net_ckpt"), width=8, batch_size=16, fashion_steps=2,
-                                  scene_steps=2, ckpt_interval=2, log_interval=2, floor_images=20))
+                                  scene_steps=2, ckpt_interval=2, log_interval=2, floor_images=20,
+                                  instrument_scenes=30))
     data = [f"manifest={manifest}", f"validation={validation}"]
     vq_cfg = load_config(VqTrainConfig, "t2i_vq", [
         *data, f"eval_net={tmp_path / 'net'}", f"out_dir={tmp_path / 't2i_vq'}", f"ckpt_dir={tmp_path / 'vq_ckpt'}",
