@@ -33,6 +33,7 @@ from forgeline.checkpoint import checkpoint_key, resume_training_state, save_tra
 from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.expectations import GateClosed, check_gate
 from forgeline.images import load_images, to_tensor
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 from models.caption import POSITIONS, CaptionConfig, CaptionModel, build_vocab, encode_caption, teacher_forcing
 
@@ -103,14 +104,6 @@ def scene_split(manifest: pd.DataFrame, split: str, image_size: int, data_dir: P
     return images, [list(c) for c in part["captions"]]
 
 
-def lr_at(step: int, cfg: CapTrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
 def batch_at(images: np.ndarray, captions: list[list[list[int]]], batch_size: int, seed: int, step: int,
              c: CaptionConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step `step`'s (images, decoder input, decoder target): scenes and one caption each, from (seed, step)."""
@@ -156,7 +149,7 @@ def train_variant(cfg: CapTrainConfig, variant: str, words: list[str], data: dic
     t_start = t_last = time.perf_counter()
     while step < cfg.max_steps:
         # ---- learning rate
-        lr = lr_at(step, cfg)
+        lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 

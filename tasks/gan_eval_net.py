@@ -25,7 +25,6 @@ folder, no pickle), attributes.json (head -> class names), history.json, metrics
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.image_metrics import extractor, fid_floor, save_eval_net
 from forgeline.images import to_tensor
 from forgeline.metrics import inception_score
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 from models.eval_net import EvalNet, EvalNetConfig
 
@@ -170,14 +170,6 @@ def lfw_report(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lr_at(step: int, cfg: GanEvalNetConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at cfg.steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
 def gan_eval_net(cfg: GanEvalNetConfig, log=None) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -200,7 +192,7 @@ def gan_eval_net(cfg: GanEvalNetConfig, log=None) -> dict:
     model.train()
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         idx = torch.randint(len(x["train"]), (cfg.batch_size,), generator=g)
         xb = x["train"][idx]
         flip = torch.rand(cfg.batch_size, generator=g) < 0.5

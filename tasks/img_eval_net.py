@@ -37,6 +37,7 @@ from forgeline.expectations import GateClosed, check_gate
 from forgeline.image_metrics import extractor, fid_floor, save_eval_net
 from forgeline.images import FASHION_LABELS, load_images, to_tensor
 from forgeline.metrics import inception_score
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 from models.eval_net import EvalNet, EvalNetConfig
 
@@ -136,14 +137,6 @@ def domain_data(manifest: pd.DataFrame, domain: str, data_dir: Path) -> dict:
     return out
 
 
-def lr_at(step: int, max_steps: int, cfg: ImgEvalNetConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
 PERMUTATIONS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
 
@@ -230,7 +223,7 @@ def train_domain(cfg: ImgEvalNetConfig, domain: str, data: dict, log=None) -> tu
     t_last = time.perf_counter()
     while step < max_steps:
         # ---- learning rate
-        lr = lr_at(step, max_steps, cfg)
+        lr = warmup_cosine(step, max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 

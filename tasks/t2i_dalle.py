@@ -45,6 +45,7 @@ from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.expectations import GateClosed, check_gate
 from forgeline.images import load_images, to_tensor
 from forgeline.scenes import VISUAL_WORDS
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 from models.gpt import GPT, PRESETS, GPTConfig, linear_cross_entropy
 from models.sampling import GenerationConfig, generate
@@ -141,14 +142,6 @@ def dalle_loss(model: GPT, seqs: torch.Tensor, text_len: int, text_weight: float
         return image_loss, image_loss
     text_loss = linear_cross_entropy(h, model.lm_head.weight, targets.masked_fill(is_image, -100).flatten())
     return image_loss + text_weight * text_loss, image_loss
-
-
-def lr_at(step: int, cfg: T2iDalleConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 @torch.no_grad()
@@ -248,7 +241,7 @@ def t2i_dalle(cfg: T2iDalleConfig, log=None) -> dict:
     t_start = t_last = time.perf_counter()
     while step < cfg.max_steps:
         # ---- learning rate
-        lr = lr_at(step, cfg)
+        lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 

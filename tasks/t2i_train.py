@@ -35,6 +35,7 @@ from forgeline.checkpoint import checkpoint_key, resume_training_state, save_tra
 from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.expectations import GateClosed, check_gate
 from forgeline.images import load_images, to_tensor
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 from models.diffusion import T2IConfig, TextToImage
 from models.text_encoder import build_vocab, encode_captions
@@ -105,14 +106,6 @@ def scene_split(manifest: pd.DataFrame, split: str, data_dir: Path) -> tuple[np.
     part = manifest[(manifest["source"] == "scene") & (manifest["split"] == split)]
     images = load_images(["scenes32.npz"] * len(part), part["index"].tolist(), data_dir)
     return images, [list(c) for c in part["captions"]]
-
-
-def lr_at(step: int, cfg: T2iTrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 def batch_at(n: int, batch_size: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
@@ -190,7 +183,7 @@ def t2i_train(cfg: T2iTrainConfig, log=None) -> dict:
     t_start = t_last = time.perf_counter()
     while step < cfg.max_steps:
         # ---- learning rate
-        lr = lr_at(step, cfg)
+        lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
 

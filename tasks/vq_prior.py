@@ -36,6 +36,7 @@ from forgeline.checkpoint import checkpoint_key, load_model_folder, resume_train
 from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.expectations import GateClosed, check_gate
 from forgeline.images import load_images, to_tensor
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 from models.gpt import GPT, PRESETS, GPTConfig
 from models.vqvae import VQVAE, VQVAEConfig
@@ -112,14 +113,6 @@ def with_start(codes: torch.Tensor, start: int) -> torch.Tensor:
     return torch.cat([torch.full((len(codes), 1), start, dtype=codes.dtype), codes], 1)
 
 
-def lr_at(step: int, cfg: VqPriorConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
 @torch.no_grad()
 def nll_nats(model: GPT, seqs: torch.Tensor, batch: int = 250) -> float:
     """Mean next-token NLL (nats) of the codes of `seqs` (N, T + 1), the START token given."""
@@ -171,7 +164,7 @@ def vq_prior(cfg: VqPriorConfig, log=None) -> dict:
     t_start = t_last = time.perf_counter()
     while step < cfg.max_steps:
         # ---- learning rate
-        lr = lr_at(step, cfg)
+        lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 

@@ -37,6 +37,7 @@ from forgeline.config import ConfigError, config_dict, stage_config
 from forgeline.expectations import GateClosed, check_gate
 from forgeline.image_metrics import load_eval_net
 from forgeline.images import load_images, to_tensor
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 from models.vqvae import (VQVAE, PatchDiscriminator, VQVAEConfig, code_stats, generator_adv_loss, hinge_d_loss,
                           perceptual_loss)
@@ -106,14 +107,6 @@ def domain_split(manifest: pd.DataFrame, domain: str, split: str, image_size: in
     part = manifest[(manifest["source"] == source) & (manifest["split"] == split)]
     files = part["file"].tolist() if domain == "fashion" else [f"scenes{64 if image_size > 32 else 32}.npz"] * len(part)
     return load_images(files, part["index"].tolist(), data_dir)
-
-
-def lr_at(step: int, cfg: VqTrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 def batch_at(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -187,7 +180,7 @@ def vq_train(cfg: VqTrainConfig, log=None) -> dict:
     t_start = t_last = time.perf_counter()
     while step < cfg.max_steps:
         # ---- learning rate
-        lr = lr_at(step, cfg)
+        lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
 
