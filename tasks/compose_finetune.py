@@ -12,7 +12,6 @@ a killed run starts again.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from prefect import task
 from forgeline.chat import EOT
 from forgeline.checkpoint import load_model_folder, save_model_folder
 from forgeline.config import ConfigError, config_dict, stage_config
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 
 
@@ -51,15 +51,6 @@ class ComposeFinetuneConfig:
                 raise ConfigError(f"compose_finetune: {name} must be >= 1")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError("compose_finetune: need 0 <= min_lr <= lr")
-
-
-# lr_at is copied into each training stage on purpose (as nanochat does): each loop owns its schedule
-def lr_at(step: int, cfg: ComposeFinetuneConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
 def encode_stream(tokenizer, texts: list[str]) -> np.ndarray:
@@ -108,7 +99,7 @@ def compose_finetune(cfg: ComposeFinetuneConfig, log=None) -> dict:
     for step in range(cfg.max_steps):
         # ---- learning rate
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         # ---- step
         x, y = windows(train, block, cfg.batch_size, cfg.seed * 1_000_003 + step)
         _, loss = model(x, y)
@@ -122,7 +113,7 @@ def compose_finetune(cfg: ComposeFinetuneConfig, log=None) -> dict:
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
             print(f"step {step + 1:>4}/{cfg.max_steps} loss {loss.item():.4f}", flush=True)
             if log:
-                log(step + 1, {"loss": loss.item(), "lr": lr_at(step, cfg)})
+                log(step + 1, {"loss": loss.item(), "lr": warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)})
 
     val_after = held_out_loss(model, val, cfg)
     metrics = {"val_loss_before": val_before, "val_loss": val_after, "train_tokens": int(len(train)),

@@ -29,6 +29,7 @@ from prefect import task
 from forgeline.chat import load_tokenizer
 from forgeline.checkpoint import checkpoint_key, resume_training_state, save_model_folder, save_training_state
 from forgeline.config import ConfigError, config_dict, load_config
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 from models.seq2seq import Seq2Seq, Seq2SeqConfig, encoder_input, pad_batch
 
@@ -87,14 +88,6 @@ class MTPretrainConfig:
         skip = {"out_dir", "ckpt_dir", "launch", "log_interval", "keep_checkpoints"}
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
         return Path(self.ckpt_dir) / checkpoint_key(settings, [Path(self.mono), Path(self.tokenizer_dir) / "tokenizer.json"])
-
-
-def lr_at(step: int, cfg: MTPretrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 def mask_tokens(ids: list[int], mask_prob: float, mask_id: int, g: torch.Generator) -> list[int]:
@@ -196,7 +189,7 @@ def mt_pretrain(cfg: MTPretrainConfig, log=None) -> dict:
     t_start, t_last = time.perf_counter(), time.perf_counter()
     while step < cfg.max_steps:
         # ---- learning rate
-        lr = lr_at(step, cfg)
+        lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_model
 from forgeline.chat import load_tokenizer
 from forgeline.checkpoint import checkpoint_key, resume_training_state, save_model_folder, save_training_state
 from forgeline.config import ConfigError, config_dict, load_config
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 from models.seq2seq import Seq2Seq, Seq2SeqConfig, encoder_input, pad_batch
 
@@ -95,14 +96,6 @@ def check_gate(cfg: MTTrainConfig) -> None:
         raise GateClosed(f"{path}: the pairs failed validation ({report.get('failed_expectations')} expectations)")
     if report.get("pairs_sha256") != sha:
         raise GateClosed(f"{path} is about other pairs than {cfg.pairs}; rerun mt_validate")
-
-
-def lr_at(step: int, cfg: MTTrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 def load_pairs(path: str, tok, config: Seq2SeqConfig) -> dict[str, list[tuple[list[int], list[int]]]]:
@@ -187,7 +180,7 @@ def mt_train(cfg: MTTrainConfig, log=None) -> dict:
     t_start, t_last = time.perf_counter(), time.perf_counter()
     while step < cfg.max_steps:
         # ---- learning rate
-        lr = lr_at(step, cfg)
+        lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 

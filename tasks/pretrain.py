@@ -26,6 +26,7 @@ from prefect import task
 from forgeline.checkpoint import (checkpoint_key, latest_checkpoint, resume_training_state, save_model_folder,
                                   save_training_state)
 from forgeline.config import ConfigError, config_dict, stage_config
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 from models.gpt import GPT, PRESETS, GPTConfig
 
@@ -97,15 +98,6 @@ class PretrainConfig:
 
 class NonFiniteLoss(RuntimeError):
     """Training diverged; the last complete checkpoint is left as it was."""
-
-
-# lr_at is copied into each training stage on purpose (as nanochat does): each loop owns its schedule
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
 def load_shards(tokenizer_dir: str) -> tuple[np.memmap, np.memmap, dict]:
@@ -185,7 +177,7 @@ def pretrain(cfg: PretrainConfig, log=None) -> dict:
     t_start, t_last, last_step = time.perf_counter(), time.perf_counter(), step
     while step < cfg.max_steps:
         # ---- learning rate
-        lr = lr_at(step, cfg)
+        lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 

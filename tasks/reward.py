@@ -35,6 +35,7 @@ from forgeline.chat import (END, PAD, collate_sequences, decode_reply, encode_pa
 from forgeline.checkpoint import (checkpoint_key, latest_checkpoint, load_model_folder, resume_training_state,
                                   save_model_folder, save_training_state)
 from forgeline.config import ConfigError, config_dict, load_config
+from forgeline.schedule import warmup_cosine
 from forgeline.workspace import run_stage
 from models.reward_model import RewardModel, pairwise_margin_loss
 from models.sampling import GenerationConfig, generate
@@ -84,15 +85,7 @@ class RewardConfig:
 
 
 # ----------------------------------------------------------------------------- data
-# lr_at and batch_indices are copied into each training stage on purpose (as nanochat does): each loop owns its schedule
-
-
-def lr_at(step: int, cfg: RewardConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+# batch_indices is copied into each training stage on purpose (as nanochat does): each loop owns its batches
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -209,7 +202,7 @@ def reward(cfg: RewardConfig, log=None) -> dict:
     t_start, t_last, last_step = time.perf_counter(), time.perf_counter(), step
     while step < cfg.max_steps:
         # ---- learning rate
-        lr = lr_at(step, cfg)
+        lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 

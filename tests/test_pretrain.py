@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import models.gpt
 from forgeline.checkpoint import MARKER, complete_checkpoints, latest_checkpoint
-from tasks.pretrain import NonFiniteLoss, PretrainConfig, get_batch, lr_at, pretrain
+from forgeline.schedule import warmup_cosine
+from tasks.pretrain import NonFiniteLoss, PretrainConfig, get_batch, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "raw" / "austen" / "persuasion.txt.gz"  # the shipped sample (data/README.md)
@@ -45,10 +46,12 @@ def tiny_cfg(shards: Path, tmp: Path, **kw) -> PretrainConfig:
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    cfg = PretrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(60, cfg) == pytest.approx(0.55)
-    assert lr_at(110, cfg) == pytest.approx(0.1)
+    def lr_at(step: int) -> float:     # the arguments every training stage passes (lr 1, floor 0.1)
+        return warmup_cosine(step, max_steps=110, lr=1.0, min_lr=0.1, warmup_steps=10)
+
+    assert lr_at(0) == pytest.approx(0.1) and lr_at(9) == pytest.approx(1.0)
+    assert lr_at(60) == pytest.approx(0.55)                          # half way: the mean of lr and floor
+    assert lr_at(110) == pytest.approx(0.1) and lr_at(500) == pytest.approx(0.1)   # held at the floor
 
 
 def test_global_batch_is_split_across_ranks(shards):

@@ -14,7 +14,6 @@ seed): each model's sampled accuracy and the paired sampled win rate by the grou
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,15 +66,7 @@ class AlignmentConfig:
             raise ConfigError(f"{name}: need 0 <= min_lr <= lr, rl_coef >= 0")
 
 
-# lr_at and batch_indices are copied into each training stage on purpose (as nanochat does): each loop owns its schedule
-
-
-def lr_at(step: int, cfg: AlignmentConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+# batch_indices is copied into each training stage on purpose (as nanochat does): each loop owns its batches
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from forgeline.chat import PAD, collate_sequences, encode_chat, encode_pairs, load_tokenizer, read_jsonl
 from forgeline.checkpoint import checkpoint_key, load_model_folder, resume_training_state, save_training_state
 from forgeline.config import ConfigError
+from forgeline.schedule import warmup_cosine
 from models.gpt import GPT
 from models.reward_model import RewardModel
-from tasks.rlhf.common import (AlignmentConfig, batch_indices, evaluate_policy, held_out_accuracy, lr_at,
+from tasks.rlhf.common import (AlignmentConfig, batch_indices, evaluate_policy, held_out_accuracy,
                                optimizer_for, reply_logprobs, write_policy)
 
 
@@ -173,7 +174,7 @@ def dpo(cfg: DPOConfig, log=None) -> dict:
     t_start, t_last, last_step = time.perf_counter(), time.perf_counter(), step
     while step < cfg.max_steps:
         # ---- learning rate
-        lr = lr_at(step, cfg)
+        lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
 

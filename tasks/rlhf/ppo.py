@@ -31,11 +31,12 @@ from forgeline.chat import (END, PAD, collate, decode_reply, encode_conversation
                             prompt_ids, read_jsonl)
 from forgeline.checkpoint import checkpoint_key, load_model_folder, resume_training_state, save_training_state
 from forgeline.config import ConfigError
+from forgeline.schedule import warmup_cosine
 from models.gpt import GPT, linear_cross_entropy
 from models.reward_model import PolicyWithValue, RewardModel
 from models.sampling import GenerationConfig, generate
 from tasks.rlhf.common import (DECODE_BATCH, AlignmentConfig, batch_indices, evaluate_policy, held_out_accuracy,
-                               lr_at, optimizer_for, reply_batch, reply_logprobs, reward_scores, write_policy)
+                               optimizer_for, reply_batch, reply_logprobs, reward_scores, write_policy)
 
 
 @dataclass
@@ -232,7 +233,7 @@ def ppo(cfg: PPOConfig, log=None) -> dict:
     t_start, t_last, last_step = time.perf_counter(), time.perf_counter(), step
     while step < cfg.max_steps:
         # ---- learning rate
-        lr = lr_at(step, cfg)
+        lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
 
