@@ -8,6 +8,10 @@ training, DDPM and DDIM sampling, classifier-free guidance. Pure torch.
   the cosine schedule abar_t = cos^2(((t/T + s)/(1 + s)) pi/2), betas clipped at 0.999.
 - Song et al. 2021, "Denoising Diffusion Implicit Models" (arXiv:2010.02502): sampling on a
   subsequence of `steps` timesteps; eta = 0 deterministic, eta = 1 DDPM-like noise.
+- Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy" (arXiv:2303.09556):
+  each timestep's loss weighted by min(SNR_t, gamma) / SNR_t (eps-prediction form; SNR_t = abar_t /
+  (1 - abar_t)), so the nearly noise-free timesteps, whose gradients conflict with the rest, stop
+  dominating; the paper measures ~3x faster convergence. `min_snr_gamma` 0 is the plain loss.
 - Ho & Salimans 2022, "Classifier-Free Diffusion Guidance" (arXiv:2207.12598): the caption is
   replaced by the empty one with probability p_uncond in training; at sampling
   eps = eps(x, empty) + scale * (eps(x, caption) - eps(x, empty)): scale 0 is unconditional,
@@ -91,15 +95,20 @@ class TextToImage(nn.Module):
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def loss(self, x0: torch.Tensor, ids: torch.Tensor, p_uncond: float = 0.1,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, min_snr_gamma: float = 0.0) -> torch.Tensor:
         """The simple DDPM loss: MSE between the noise and its prediction at a uniform timestep; each
-        caption replaced by the empty one (<bos> only) with probability p_uncond."""
+        caption replaced by the empty one (<bos> only) with probability p_uncond. With min_snr_gamma > 0
+        each image's MSE is weighted by min(SNR_t, gamma) / SNR_t (Hang et al.)."""
         B = x0.size(0)
         t = torch.randint(self.config.timesteps, (B,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         drop = torch.rand(B, generator=generator) < p_uncond
         ids = torch.where(drop[:, None], null_ids(B, ids.size(1)), ids)
-        return F.mse_loss(self(self.q_sample(x0, t, noise), t, ids), noise)
+        err = (self(self.q_sample(x0, t, noise), t, ids) - noise).pow(2).mean(dim=(1, 2, 3))    # (B,)
+        if min_snr_gamma > 0:
+            snr = self.abar[t] / (1 - self.abar[t])
+            err = err * snr.clamp(max=min_snr_gamma) / snr
+        return err.mean()
 
 
 def null_ids(batch: int, length: int = 1) -> torch.Tensor:

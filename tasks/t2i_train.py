@@ -56,10 +56,11 @@ class T2iTrainConfig:
     base: int = 32
     mults: list[int] = field(default_factory=lambda: [1, 2, 2])
     num_res: int = 1
-    attn_levels: list[int] = field(default_factory=lambda: [1, 2])
+    attn_levels: list[int] = field(default_factory=lambda: [2])
     p_uncond: float = 0.1
-    batch_size: int = 64
-    max_steps: int = 400
+    min_snr_gamma: float = 5.0         # Hang et al.'s loss weighting; 0 = the plain DDPM loss
+    batch_size: int = 32
+    max_steps: int = 1000
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup_steps: int = 50
@@ -67,9 +68,9 @@ class T2iTrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.995                 # 0: keep the trained weights
     threads: int = 2
-    ckpt_interval: int = 100
+    ckpt_interval: int = 250
     keep_checkpoints: int = 2
-    log_interval: int = 50
+    log_interval: int = 100
     val_images: int = 256              # held-out loss at the end (val split, fixed timesteps and noise)
     seed: int = 1337
 
@@ -81,6 +82,8 @@ class T2iTrainConfig:
             raise ConfigError(f"t2i_train: schedule={self.schedule!r}: cosine or linear")
         if self.image_size % 2 ** (len(self.mults) - 1):
             raise ConfigError("t2i_train: image_size must be divisible by 2**(len(mults) - 1)")
+        if self.min_snr_gamma < 0:
+            raise ConfigError("t2i_train: min_snr_gamma must be >= 0 (0 = the plain DDPM loss)")
         if not 0 <= self.p_uncond < 1 or not 0 <= self.ema < 1:
             raise ConfigError("t2i_train: need 0 <= p_uncond < 1 and 0 <= ema < 1")
         if not 0 <= self.min_lr <= self.lr:
@@ -195,7 +198,7 @@ def t2i_train(cfg: T2iTrainConfig, log=None) -> dict:
         idx, which, g = batch_at(len(train_x), cfg.batch_size, cfg.seed, step)
         x0 = to_tensor(train_x[idx.numpy()], cfg.image_size)
         ids = encode_captions([train_caps[i][j] for i, j in zip(idx.tolist(), which.tolist())], vocab, max_len)
-        loss = model.loss(x0, ids, cfg.p_uncond, generator=g)
+        loss = model.loss(x0, ids, cfg.p_uncond, generator=g, min_snr_gamma=cfg.min_snr_gamma)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"t2i_train: non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)

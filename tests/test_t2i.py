@@ -109,6 +109,27 @@ def test_ddpm_loss_falls_on_a_tiny_batch():
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_min_snr_weighting_damps_the_low_noise_timesteps():
+    model = randomized(tiny(timesteps=1000))
+    x0 = torch.rand(16, 3, 8, 8) * 2 - 1
+    ids = encode_captions(["a red circle on the left"] * 16, VOCAB, 32)
+
+    def loss(gamma: float) -> float:
+        with torch.no_grad():     # the same timesteps, noise and drops for every gamma
+            return model.loss(x0, ids, p_uncond=0.0, generator=torch.Generator().manual_seed(3),
+                              min_snr_gamma=gamma).item()
+
+    snr = model.abar / (1 - model.abar)
+    plain = loss(0.0)
+    assert loss(float(snr.max()) + 1) == pytest.approx(plain, rel=1e-5)   # gamma above every SNR: no weight < 1
+    assert loss(5.0) < plain                                               # the low-noise steps count less
+    assert loss(1.0) < loss(5.0)
+    # per timestep: the weight is min(SNR, gamma) / SNR, 1 at the noisy end
+    t = torch.tensor([0, 500, 999])
+    w = snr[t].clamp(max=5.0) / snr[t]
+    assert w[0] < 0.01 and w[2] == 1.0
+
+
 def test_ddim_eta0_is_deterministic_and_eta_adds_noise():
     model = randomized(tiny())
     ids = encode_captions(["a red circle", "two objects a blue square and a green triangle"], VOCAB, 32)
