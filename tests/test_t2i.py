@@ -251,7 +251,7 @@ TINY = {
     "t2i_dalle": {"test_images": 10, "n_layer": 1, "n_embd": 32, "n_head": 2, "batch_size": 8, "max_steps": 4,
                   "warmup_steps": 1, "ckpt_interval": 2, "log_interval": 2, "samples": 6, "grid": 2},
     "t2i_eval": {"prompts": 6, "guidances": "[0.0,3.0]", "steps": 3, "steps_sweep": "[2]", "ddpm_prompts": 2,
-                 "grid": 2, "threads": 1},
+                 "seen_prompts": 4, "grid": 2, "threads": 1},
 }
 STAGES = ["img_data", "img_validate", "img_eval_net", "t2i_train", "t2i_vq", "t2i_dalle", "t2i_eval"]
 
@@ -269,7 +269,9 @@ def test_pipeline_end_to_end_on_a_tiny_config(workspace):
     metrics = json.loads((ws / "data" / "t2i_eval" / "metrics.json").read_text())
     rows = {r["setting"]: r for r in metrics["rows"]}
     assert list(rows) == ["REFERENCE real scenes", "diffusion DDIM 3 guidance 0", "diffusion DDIM 3 guidance 3",
-                          "diffusion DDIM 2 guidance 3", "diffusion DDPM 20 guidance 3", "DALL-E (t2i_dalle) samples"]
+                          "diffusion DDIM 2 guidance 3", "diffusion DDIM 3 guidance 3, seen pairs (val)",
+                          "diffusion DDPM 20 guidance 3", "DALL-E (t2i_dalle) samples"]
+    assert rows["diffusion DDIM 3 guidance 3, seen pairs (val)"]["images"] == 4        # seen_prompts of the 10 val scenes
     assert rows["diffusion DDPM 20 guidance 3"]["images"] == 2 and rows["diffusion DDIM 2 guidance 3"]["images"] == 6
     assert rows["DALL-E (t2i_dalle) samples"]["images"] == 6 and rows["DALL-E (t2i_dalle) samples"]["seconds_per_image"] > 0
     for r in rows.values():
