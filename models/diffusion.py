@@ -76,7 +76,7 @@ class TextToImage(nn.Module):
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         # schedule tables as fp32 buffers, not saved (a pure function of the config)
         for name, v in {"betas": betas, "abar": abar, "abar_prev": abar_prev,
-                        "post_var": betas * (1 - abar_prev) / (1 - abar)}.items():
+                        "post_var": betas * (1 - abar_prev) / (1 - abar), "snr": abar / (1 - abar)}.items():
             self.register_buffer(name, v.float(), persistent=False)
 
     def num_params(self) -> int:
@@ -106,7 +106,7 @@ class TextToImage(nn.Module):
         ids = torch.where(drop[:, None], null_ids(B, ids.size(1)), ids)
         err = (self(self.q_sample(x0, t, noise), t, ids) - noise).pow(2).mean(dim=(1, 2, 3))    # (B,)
         if min_snr_gamma > 0:
-            snr = self.abar[t] / (1 - self.abar[t])
+            snr = self.snr[t]
             err = err * snr.clamp(max=min_snr_gamma) / snr
         return err.mean()
 

@@ -70,7 +70,7 @@ class T2iEvalConfig:
                 or self.ddpm_prompts < 0:
             raise ConfigError("t2i_eval: steps, grid, threads >= 1; prompts >= 2 and ddpm_prompts 0 or >= 2 "
                               "(FID needs two images' covariance)")
-        if self.seen_prompts in (1,) or self.seen_prompts < 0:
+        if self.seen_prompts == 1 or self.seen_prompts < 0:
             raise ConfigError("t2i_eval: seen_prompts 0 or >= 2 (FID needs two images' covariance)")
         if not self.guidances or min(self.guidances) < 0 or any(s < 1 for s in self.steps_sweep):
             raise ConfigError("t2i_eval: guidances non-empty and >= 0; steps_sweep entries >= 1")
@@ -82,6 +82,11 @@ def load_t2i(folder: str | Path) -> tuple[TextToImage, list[str]]:
     model = TextToImage(T2IConfig(**json.loads((folder / "config.json").read_text())))
     load_model(model, str(folder / "model.safetensors"))
     return model.eval(), json.loads((folder / "vocab.json").read_text())
+
+
+def seeded_pick(n: int, k: int, seed: int) -> np.ndarray:
+    """min(k, n) sorted row positions of n, drawn without replacement: the same for the same seed."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
 
 
 def scene_labels(rows) -> dict[str, torch.Tensor]:
@@ -122,7 +127,7 @@ def t2i_eval(cfg: T2iEvalConfig) -> dict:
     manifest = pd.read_parquet(cfg.manifest)
     data_dir = Path(cfg.manifest).parent
     test = manifest[(manifest["source"] == "scene") & (manifest["split"] == "test")].reset_index(drop=True)
-    pick = np.sort(np.random.default_rng(cfg.seed).choice(len(test), size=min(cfg.prompts, len(test)), replace=False))
+    pick = seeded_pick(len(test), cfg.prompts, cfg.seed)
     chosen, pool = test.iloc[pick], test.drop(index=pick)
     prompts = [c[0] for c in chosen["captions"]]
     labels = scene_labels(chosen)
@@ -176,9 +181,7 @@ def t2i_eval(cfg: T2iEvalConfig) -> dict:
     if cfg.seen_prompts:
         # held-out scenes whose every (shape, colour) pair was seen in training: composition vs generalisation
         val = manifest[(manifest["source"] == "scene") & (manifest["split"] == "val")].reset_index(drop=True)
-        vpick = np.sort(np.random.default_rng(cfg.seed).choice(len(val), size=min(cfg.seen_prompts, len(val)),
-                                                                replace=False))
-        seen = val.iloc[vpick]
+        seen = val.iloc[seeded_pick(len(val), cfg.seen_prompts, cfg.seed)]
         rows.append(run(f"diffusion DDIM {cfg.steps} guidance {cfg.guidance:g}, seen pairs (val)", len(seen),
                         [c[0] for c in seen["captions"]], scene_labels(seen), sampler="ddim", steps=cfg.steps,
                         guidance=cfg.guidance))
